@@ -1,0 +1,204 @@
+"""The `pipeline` command: database setup, companies, wallets, and running the stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from decimal import Decimal, InvalidOperation
+
+from pipeline.config import Settings
+
+
+def _emit(args, data: dict, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print("\n".join(lines))
+
+
+def _runtime(settings: Settings, *, with_publisher: bool = False):
+    from pipeline.runtime import build_runtime
+
+    publisher = None
+    if with_publisher:
+        from tasks.app import create_celery
+        from tasks.chain import CeleryPublisher
+
+        publisher = CeleryPublisher(create_celery(settings))
+    return build_runtime(settings, publisher=publisher)
+
+
+def _ensure_db(runtime) -> None:
+    from pipeline.db import init_db
+
+    init_db(runtime.engine)
+    ensure = getattr(runtime.storage, "ensure_bucket", None)
+    if ensure:
+        ensure()
+
+
+def _credits(value: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if amount < 0 or not amount.is_finite():
+        raise argparse.ArgumentTypeError("credits must be zero or more")
+    return amount
+
+
+def cmd_db_init(args, settings):
+    runtime = _runtime(settings)
+    _ensure_db(runtime)
+    url = runtime.engine.url.render_as_string(hide_password=True)
+    _emit(args, {"database": url, "status": "ready"}, [f"database ready: {url}"])
+
+
+def cmd_company_create(args, settings):
+    from pipeline.accounts import create_company
+
+    runtime = _runtime(settings)
+    _ensure_db(runtime)
+    company = create_company(runtime.engine, args.name, credits=args.credits)
+    data = {"companyId": str(company.company_id), "walletId": str(company.wallet_id),
+            "userId": str(company.user_id), "apiKey": company.api_key,
+            "adminKey": company.admin_key, "credits": str(args.credits)}
+    _emit(args, data, [
+        f"company   {company.company_id}  ({args.name})",
+        f"credits   {args.credits}",
+        f"api key   {company.api_key}",
+        f"admin key {company.admin_key}",
+        "Keys are shown once; only their hashes are stored.",
+    ])
+
+
+def cmd_wallet_show(args, settings):
+    from pipeline.wallets import wallet_summary
+
+    runtime = _runtime(settings)
+    with runtime.engine.connect() as conn:
+        data = wallet_summary(conn, args.company)
+    _emit(args, data, [f"{k:10} {v}" for k, v in data.items()])
+
+
+def cmd_sweep(args, settings):
+    from pipeline.sweeper import sweep
+
+    counts = sweep(_runtime(settings, with_publisher=True))
+    _emit(args, counts, [f"{k:13} {v}" for k, v in counts.items()])
+
+
+def cmd_worker(args, settings):
+    from pipeline.stack import worker_command
+    from tasks.names import QUEUE_FAMILIES
+
+    queues: list[str] = []
+    for name in args.queues.split(","):
+        queues.extend(QUEUE_FAMILIES.get(name, (name,)))
+    cmd = worker_command(queues, pool=args.pool, concurrency=args.concurrency, beat=args.beat,
+                         loglevel=args.loglevel, hostname=args.hostname)
+    os.execv(cmd[0], cmd)
+
+
+def cmd_beat(args, settings):
+    cmd = [sys.executable, "-m", "celery", "-A", "tasks.worker", "beat", "-l", args.loglevel]
+    os.execv(cmd[0], cmd)
+
+
+def cmd_run(args, settings):
+    from pipeline.accounts import create_company
+    from pipeline.stack import Stack, port_is_free
+
+    if not port_is_free(args.host, args.port):
+        sys.exit(f"port {args.port} is in use; pass --port to choose another")
+    settings = Settings.from_env(public_url=f"http://{args.host}:{args.port}")
+    runtime = _runtime(settings, with_publisher=True)
+    _ensure_db(runtime)
+    company = create_company(runtime.engine, "local-dev", credits=args.credits)
+    stack = Stack(settings, args.host, args.port, concurrency=args.concurrency)
+    stack.start(runtime)
+    _emit(args, {"url": stack.url, "apiKey": company.api_key, "adminKey": company.admin_key,
+                 "companyId": str(company.company_id)}, [
+        f"API       {stack.url}  (docs: {stack.url}/docs)",
+        f"api key   {company.api_key}   ({args.credits} credits, company local-dev)",
+        f"try:      curl -s -X POST {stack.url}/v1/jobs -H 'Authorization: Bearer "
+        f"{company.api_key}' -H 'Content-Type: application/json' "
+        "-d '{\"contentType\":\"image\",\"prompt\":\"a lighthouse at dawn\"}'",
+        "Ctrl-C stops everything.",
+    ])
+    try:
+        while stack.worker_alive():
+            time.sleep(0.5)
+        print("worker exited; stopping", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping...", file=sys.stderr)
+    finally:
+        stack.stop()
+
+
+def cmd_demo(args, settings):
+    from pipeline.demo import run_demo
+
+    sys.exit(run_demo(settings, port=args.port, as_json=args.json))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help_, parent=sub):
+        p = parent.add_parser(name, help=help_, description=help_)
+        p.add_argument("--json", action="store_true", help="print data as JSON")
+        p.set_defaults(func=func)
+        return p
+
+    db = sub.add_parser("db", help="database commands").add_subparsers(dest="db", required=True)
+    command("init", cmd_db_init, "create the tables (safe to run twice)", db)
+
+    company = sub.add_parser("company", help="companies").add_subparsers(dest="company",
+                                                                        required=True)
+    p = command("create", cmd_company_create, "create a company, its wallet and API keys",
+                company)
+    p.add_argument("name")
+    p.add_argument("--credits", type=_credits, default=Decimal(0))
+
+    wallet = sub.add_parser("wallet", help="wallets").add_subparsers(dest="wallet", required=True)
+    p = command("show", cmd_wallet_show, "a company's balances", wallet)
+    p.add_argument("company", help="company id")
+
+    command("sweep", cmd_sweep, "run one sweep now (beat runs it every few seconds)")
+
+    p = command("worker", cmd_worker, "start a Celery worker")
+    p.add_argument("--queues", default="all",
+                   help="comma-separated queues or families: pipeline, local, saas, gpu, "
+                        "maintenance, all (default)")
+    p.add_argument("--pool", default="threads", help="prefork, threads, gevent, solo")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--beat", action="store_true", help="also run the beat scheduler")
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--hostname", default=None)
+
+    p = command("beat", cmd_beat, "start the beat scheduler (the sweeper's clock)")
+    p.add_argument("--loglevel", default="INFO")
+
+    p = command("run", cmd_run, "API + worker + beat in the foreground until Ctrl-C")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--credits", type=_credits, default=Decimal(100))
+    p.add_argument("--concurrency", type=int, default=4)
+
+    p = command("demo", cmd_demo, "start the stack, run one job of each type, check, stop")
+    p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args, Settings.from_env())
+
+
+if __name__ == "__main__":
+    main()

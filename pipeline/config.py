@@ -1,0 +1,114 @@
+"""Settings, read once from the environment (and an optional .env) into one object."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+SAAS_PROVIDERS = ("openai", "stability", "elevenlabs", "runway", "heygen")
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; the real environment always wins over the file."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _secret_key(data_dir: Path, given: str | None) -> str:
+    """The signing key; in embedded mode one is made once and kept beside the data."""
+    if given:
+        return given
+    path = data_dir / "secret_key"
+    if path.is_file():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    path.write_text(key)
+    path.chmod(0o600)
+    return key
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the system. Build with `Settings.from_env()`; tests pass overrides."""
+
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    storage_url: str
+    secret_key: str = field(repr=False)
+    public_url: str = "http://127.0.0.1:8000"
+    broker_key_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    max_prompt_length: int = 4000
+    link_ttl_seconds: int = 3600
+    # A hold must outlive the longest a job can take: queue wait + provider time + retries.
+    hold_timeout_seconds: int = 3600
+    # How long a job may show no progress before the sweeper re-drives it. It must exceed
+    # the generate step's hard time limit, or a slow but healthy call would be started twice.
+    stale_after_seconds: int = 400
+    # Jobs left pending longer than this are re-published by the sweeper (outbox relay).
+    dispatch_grace_seconds: int = 5
+    sweep_interval_seconds: float = 5.0
+    max_attempts: int = 3
+    publish_timeout_seconds: float = 2.0
+    provider_env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite") or self.broker_url.startswith("filesystem")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        env = {**_read_dotenv(Path(env.get("PIPELINE_ENV_FILE", ".env"))), **env}
+        data_dir = Path(env.get("PIPELINE_DATA_DIR", "var")).resolve()
+
+        def number(name: str, default, kind=int):
+            return kind(env[name]) if env.get(name) else default
+
+        values = {
+            "data_dir": data_dir,
+            "database_url": env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'pipeline.db'}",
+            "broker_url": env.get("CELERY_BROKER_URL") or "filesystem://",
+            "storage_url": env.get("STORAGE_URL") or f"file://{data_dir / 'storage'}",
+            "secret_key": _secret_key(data_dir, env.get("SECRET_KEY")),
+            "public_url": env.get("PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/"),
+            "broker_key_prefix": env.get("CELERY_BROKER_KEY_PREFIX", ""),
+            "s3_endpoint_url": env.get("S3_ENDPOINT_URL") or None,
+            "s3_region": env.get("AWS_DEFAULT_REGION", "us-east-1"),
+            "max_prompt_length": number("MAX_PROMPT_LENGTH", 4000),
+            "link_ttl_seconds": number("LINK_TTL_SECONDS", 3600),
+            "hold_timeout_seconds": number("HOLD_TIMEOUT_SECONDS", 3600),
+            "stale_after_seconds": number("STALE_AFTER_SECONDS", 400),
+            "dispatch_grace_seconds": number("DISPATCH_GRACE_SECONDS", 5),
+            "sweep_interval_seconds": number("SWEEP_INTERVAL_SECONDS", 5.0, float),
+            "max_attempts": number("MAX_ATTEMPTS", 3),
+            "publish_timeout_seconds": number("PUBLISH_TIMEOUT_SECONDS", 2.0, float),
+            "provider_env": {
+                k: v
+                for k, v in env.items()
+                if k.endswith(("_API_KEY", "_BASE_URL")) or k.startswith("COMFY")
+            },
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+def credits(value) -> Decimal:
+    """Credits are exact decimals with six places; floats never enter the ledger."""
+    if isinstance(value, float):
+        value = repr(value)
+    return Decimal(value).quantize(Decimal("0.000001"))

@@ -1,0 +1,109 @@
+"""Engines, schema setup, and the few SQL helpers that differ between PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from pipeline import tables
+
+SCHEMA_SQL = Path(__file__).resolve().parent.parent / "schema.sql"
+PRICES_JSON = Path(__file__).resolve().parent / "prices.json"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+def make_engine(database_url: str, *, pool_size: int = 5) -> Engine:
+    """An engine for the URL; SQLite gets WAL and a busy timeout so processes can share it."""
+    if database_url.startswith("postgresql://") or database_url.startswith("postgres://"):
+        database_url = "postgresql+psycopg://" + database_url.split("://", 1)[1]
+    if database_url.startswith("sqlite"):
+        path = database_url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(database_url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            # Autocommit at the driver level; SQLAlchemy's begin() issues BEGIN IMMEDIATE
+            # below, so two writers queue on the lock instead of failing on upgrade.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(
+        database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+    )
+
+
+def insert_ignore(conn, table, values: dict, conflict_columns: list[str]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True when the row was written by this call."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing(
+        index_elements=conflict_columns
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def init_db(engine: Engine) -> None:
+    """Create every table (idempotent) and seed the provider price table."""
+    if engine.dialect.name == "postgresql":
+        raw = engine.raw_connection()
+        try:
+            with raw.cursor() as cur:
+                # Two processes running init at once must not race on CREATE TABLE.
+                cur.execute("SELECT pg_advisory_lock(7240001)")
+                cur.execute(SCHEMA_SQL.read_text())
+                cur.execute("SELECT pg_advisory_unlock(7240001)")
+            raw.commit()
+        finally:
+            raw.close()
+    else:
+        tables.metadata.create_all(engine)
+    seed_providers(engine)
+
+
+def load_price_table() -> dict:
+    data = json.loads(PRICES_JSON.read_text())
+    return {name: entry for name, entry in data.items() if not name.startswith("_")}
+
+
+def seed_providers(engine: Engine) -> None:
+    """Insert any provider missing from the table; existing rows (operators' edits) are kept."""
+    with engine.begin() as conn:
+        known = set(conn.scalars(select(tables.providers.c.name)))
+        for name, entry in load_price_table().items():
+            if name in known:
+                continue
+            insert_ignore(
+                conn,
+                tables.providers,
+                {
+                    "id": new_id(),
+                    "name": name,
+                    "content_types": sorted(entry["pricing"]),
+                    "pricing": entry["pricing"],
+                    "config": entry.get("config", {}),
+                },
+                ["name"],
+            )

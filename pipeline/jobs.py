@@ -1,0 +1,194 @@
+"""Job submission and reading: validate, price, write the job with its outbox row."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import and_, select, update
+
+from pipeline import ledger
+from pipeline.db import new_id, utcnow
+from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
+from pipeline.pricing import PriceTable
+from pipeline.tables import job_dispatches, jobs
+
+CONTENT_TYPES = ("text", "image", "audio", "video")
+
+log = logging.getLogger("pipeline.jobs")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: resolved from the API key, never from the request body."""
+
+    company_id: object
+    user_id: object | None
+    api_key_id: object | None
+    scope: str = "client"
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    content_type: str
+    prompt: str
+    settings: dict
+    provider: str | None = None
+    source: str = "v1"
+
+
+def validate_request(req: JobRequest, max_prompt_length: int) -> None:
+    """The checks every entry point shares; raises ValidationFailed with the field named."""
+    if req.content_type not in CONTENT_TYPES:
+        raise ValidationFailed(
+            f"Unknown content type '{req.content_type}'.",
+            details={"field": "contentType", "allowed": list(CONTENT_TYPES)},
+        )
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise ValidationFailed("The prompt must not be empty.", details={"field": "prompt"})
+    if len(req.prompt) > max_prompt_length:
+        raise ValidationFailed(
+            f"The prompt is longer than {max_prompt_length} characters.",
+            details={"field": "prompt", "maxLength": max_prompt_length,
+                     "length": len(req.prompt)},
+        )
+    if not isinstance(req.settings, dict):
+        raise ValidationFailed("settings must be a JSON object.", details={"field": "settings"})
+
+
+def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
+               max_prompt_length: int) -> dict:
+    """Validate, price and write the job and its dispatch record in one transaction.
+
+    Refuses at once (InsufficientCredits) when the wallet plainly cannot cover the
+    estimate; the binding hold is taken later by the chain's reserve step. Publishing
+    is the caller's job, after this commit.
+    """
+    validate_request(req, max_prompt_length)
+    provider = registry.resolve(req.content_type, req.provider)
+    usage = registry.estimate_usage(provider, req.content_type, req.prompt, req.settings)
+    with engine.begin() as conn:
+        estimate = PriceTable.from_db(conn).cost(provider, req.content_type, usage)
+        wallet = ledger.wallet_for_company(conn, principal.company_id)
+        if wallet.credits_available < estimate:
+            raise InsufficientCredits(estimate, wallet.credits_available)
+        job_id = new_id()
+        row = {
+            "id": job_id,
+            "company_id": principal.company_id,
+            "user_id": principal.user_id,
+            "api_key_id": principal.api_key_id,
+            "provider": provider,
+            "content_type": req.content_type,
+            "status": "pending",
+            "source": req.source,
+            "prompt": req.prompt,
+            "settings": req.settings,
+            "estimated_cost": estimate,
+        }
+        conn.execute(jobs.insert().values(**row))
+        conn.execute(
+            job_dispatches.insert().values(job_id=job_id, queue=registry.queue_for(provider))
+        )
+        return dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping)
+
+
+def dispatch(engine, publisher, job_id, queue: str) -> bool:
+    """Publish a committed job's chain; on a broker failure the outbox row stays unsent.
+
+    Never raises for broker trouble: the job is safe in the database and the sweeper
+    relays it once the broker is back.
+    """
+    try:
+        publisher.publish(job_id, queue)
+    except Exception as exc:  # noqa: BLE001 - any broker failure leaves the job to the relay
+        with engine.begin() as conn:
+            record_dispatch_failure(conn, job_id, type(exc).__name__)
+        log.warning("job %s: broker unavailable at dispatch (%s); left to the outbox relay",
+                    job_id, type(exc).__name__)
+        return False
+    with engine.begin() as conn:
+        mark_dispatched(conn, job_id)
+    return True
+
+
+def mark_dispatched(conn, job_id) -> None:
+    """The chain was handed to the broker: close the outbox row, move pending -> queued."""
+    now = utcnow()
+    conn.execute(
+        update(job_dispatches)
+        .where(job_dispatches.c.job_id == job_id)
+        .values(sent_at=now, attempts=job_dispatches.c.attempts + 1)
+    )
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status == "pending")
+        .values(status="queued", queued_at=now, updated_at=now)
+    )
+
+
+def record_dispatch_failure(conn, job_id, error: str) -> None:
+    conn.execute(
+        update(job_dispatches)
+        .where(job_dispatches.c.job_id == job_id)
+        .values(attempts=job_dispatches.c.attempts + 1, last_error=error[:500])
+    )
+
+
+def get_job(conn, job_id, company_id=None):
+    """The job row; scoped to a company when one is given (another's job is not found)."""
+    condition = jobs.c.id == job_id
+    if company_id is not None:
+        condition = and_(condition, jobs.c.company_id == company_id)
+    row = conn.execute(select(jobs).where(condition)).first()
+    if row is None:
+        raise NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": str(job_id)})
+    return row
+
+
+def job_view(job, storage, link_ttl: int) -> dict:
+    """The job as clients see it (camelCase, costs as strings of exact decimals)."""
+    result = None
+    if job.result and job.status == "completed":
+        result = {
+            "url": storage.url(job.result["key"], link_ttl),
+            "contentType": job.result["mimeType"],
+            "size": job.result["size"],
+            "metadata": job.result.get("metadata", {}),
+        }
+    error = None
+    if job.error:
+        error = {"code": job.error_code or "INTERNAL_ERROR", "message": job.error}
+    return {
+        "jobId": str(job.id),
+        "status": job.status,
+        "contentType": job.content_type,
+        "provider": job.provider,
+        "estimatedCost": _money(job.estimated_cost),
+        "actualCost": _money(job.actual_cost),
+        "attempts": job.attempts,
+        "createdAt": _iso(job.created_at),
+        "updatedAt": _iso(job.updated_at),
+        "queuedAt": _iso(job.queued_at),
+        "reservedAt": _iso(job.reserved_at),
+        "startedAt": _iso(job.started_at),
+        "storedAt": _iso(job.stored_at),
+        "settledAt": _iso(job.settled_at),
+        "completedAt": _iso(job.completed_at),
+        "result": result,
+        "preview": job.preview,
+        "error": error,
+    }
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _iso(value) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
+        return value.isoformat() + "Z"
+    return value.isoformat().replace("+00:00", "Z")

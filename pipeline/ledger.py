@@ -1,0 +1,194 @@
+"""The two-phase credit ledger: deposit, hold, post (debit + release) or void (refund).
+
+Every function takes a Connection inside a transaction the caller owns, and every
+money move writes one append-only `transactions` row under a deterministic
+idempotency key (`reserve:<job>`, `debit:<job>`, ...). The unique constraint on that
+key, plus compare-and-set updates on the hold, make a replayed step a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+
+from sqlalchemy import select, update
+
+from pipeline.config import credits
+from pipeline.db import insert_ignore, new_id, utcnow
+from pipeline.errors import InsufficientCredits, LedgerConflict, NotFound
+from pipeline.tables import credit_holds, transactions, wallets
+
+ZERO = Decimal("0.000000")
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: object
+    wallet_id: object
+    job_id: object
+    amount: Decimal
+    status: str
+
+
+def wallet_for_company(conn, company_id):
+    row = conn.execute(select(wallets).where(wallets.c.company_id == company_id)).first()
+    if row is None:
+        raise NotFound("WALLET_NOT_FOUND", "This company has no wallet.")
+    return row
+
+
+def _record(conn, *, wallet_id, type_, amount, key, job_id=None, metadata=None) -> bool:
+    """Write one ledger row; False if this key was already written (a replay).
+
+    A replay with a different amount or type is a conflict, never a second charge.
+    """
+    written = insert_ignore(
+        conn,
+        transactions,
+        {
+            "id": new_id(),
+            "wallet_id": wallet_id,
+            "job_id": job_id,
+            "type": type_,
+            "amount": amount,
+            "idempotency_key": key,
+            "metadata": metadata or {},
+        },
+        ["idempotency_key"],
+    )
+    if not written:
+        existing = conn.execute(
+            select(transactions.c.amount, transactions.c.type).where(
+                transactions.c.idempotency_key == key
+            )
+        ).one()
+        if existing.amount != amount or existing.type != type_:
+            raise LedgerConflict(key, f"{existing.type} {existing.amount}", f"{type_} {amount}")
+    return written
+
+
+def _move(conn, wallet_id, **deltas) -> bool:
+    """Apply balance deltas in one UPDATE; refuses (False) to take available below zero."""
+    values = {name: getattr(wallets.c, name) + delta for name, delta in deltas.items()}
+    values["updated_at"] = utcnow()
+    stmt = update(wallets).where(wallets.c.id == wallet_id).values(**values)
+    if deltas.get("credits_available", ZERO) < 0:
+        stmt = stmt.where(wallets.c.credits_available >= -deltas["credits_available"])
+    return conn.execute(stmt).rowcount == 1
+
+
+def deposit(conn, wallet_id, amount, *, key: str, metadata: dict | None = None) -> bool:
+    """Add credits; the key makes an operator's or a payment hook's retry harmless."""
+    amount = credits(amount)
+    if amount <= 0:
+        raise ValueError("a deposit must be positive")
+    if _record(conn, wallet_id=wallet_id, type_="deposit", amount=amount, key=key,
+               metadata=metadata):
+        _move(conn, wallet_id, credits_available=amount)
+        return True
+    return False
+
+
+def get_hold(conn, job_id) -> Hold | None:
+    row = conn.execute(select(credit_holds).where(credit_holds.c.job_id == job_id)).first()
+    if row is None:
+        return None
+    return Hold(row.id, row.wallet_id, row.job_id, row.amount, row.status)
+
+
+def reserve(conn, *, wallet_id, job_id, amount, ttl_seconds: int) -> Hold:
+    """Hold `amount` for the job, or raise InsufficientCredits. At most one hold per job.
+
+    The balance check and the decrement are one conditional UPDATE, so concurrent
+    reservations can never take the wallet below zero between a check and a write.
+    """
+    amount = credits(amount)
+    hold_id = new_id()
+    # The hold row goes first: its unique job_id is the guard that makes a second
+    # delivery of the reserve step find the first hold instead of holding twice.
+    if not insert_ignore(
+        conn,
+        credit_holds,
+        {
+            "id": hold_id,
+            "wallet_id": wallet_id,
+            "job_id": job_id,
+            "amount": amount,
+            "expires_at": utcnow() + timedelta(seconds=ttl_seconds),
+        },
+        ["job_id"],
+    ):
+        return get_hold(conn, job_id)
+    if not _move(conn, wallet_id, credits_available=-amount, credits_held=amount):
+        # The caller's transaction rolls back, taking the hold row with it.
+        raise InsufficientCredits(amount)
+    if amount > 0:
+        _record(conn, wallet_id=wallet_id, type_="reservation", amount=amount,
+                key=f"reserve:{job_id}", job_id=job_id)
+    return Hold(hold_id, wallet_id, job_id, amount, "open")
+
+
+def _close(conn, hold: Hold, status: str) -> bool:
+    """Compare-and-set the hold from open to its final state; False if already closed."""
+    return (
+        conn.execute(
+            update(credit_holds)
+            .where(credit_holds.c.id == hold.id, credit_holds.c.status == "open")
+            .values(status=status, closed_at=utcnow())
+        ).rowcount
+        == 1
+    )
+
+
+def settle(conn, job_id, actual) -> Decimal | None:
+    """Post the hold: debit the actual cost (capped at the hold), release the rest.
+
+    Returns the amount debited, or None when the hold was already closed (a replay).
+    """
+    hold = get_hold(conn, job_id)
+    if hold is None or not _close(conn, hold, "settled"):
+        return None
+    debit = min(credits(actual), hold.amount)
+    release = hold.amount - debit
+    if debit > 0:
+        _record(conn, wallet_id=hold.wallet_id, type_="debit", amount=debit,
+                key=f"debit:{job_id}", job_id=job_id)
+    if release > 0:
+        _record(conn, wallet_id=hold.wallet_id, type_="release", amount=release,
+                key=f"release:{job_id}", job_id=job_id)
+    _move(conn, hold.wallet_id, credits_held=-hold.amount, credits_used=debit,
+          credits_available=release)
+    return debit
+
+
+def void(conn, job_id, *, reason: str) -> Decimal | None:
+    """Refund the whole hold (failed, cancelled or expired job); None if nothing was open."""
+    hold = get_hold(conn, job_id)
+    if hold is None or not _close(conn, hold, "voided"):
+        return None
+    if hold.amount > 0:
+        _record(conn, wallet_id=hold.wallet_id, type_="refund", amount=hold.amount,
+                key=f"refund:{job_id}", job_id=job_id, metadata={"reason": reason})
+    _move(conn, hold.wallet_id, credits_held=-hold.amount, credits_available=hold.amount)
+    return hold.amount
+
+
+def charge_late(conn, company_id, job_id, amount) -> Decimal:
+    """Charge a result that arrived after its hold was voided, straight from available.
+
+    Charges what the wallet allows (never below zero) and records the shortfall on the
+    entry. The debit carries `late: true` so the audit knows it did not come from a hold.
+    """
+    wallet = wallet_for_company(conn, company_id)
+    amount = credits(amount)
+    charge = min(amount, wallet.credits_available)
+    if charge <= 0:
+        return ZERO
+    shortfall = amount - charge
+    if _record(conn, wallet_id=wallet.id, type_="debit", amount=charge, key=f"debit:{job_id}",
+               job_id=job_id, metadata={"late": True, "shortfall": str(shortfall)}) and not _move(
+        conn, wallet.id, credits_available=-charge, credits_used=charge
+    ):
+        raise InsufficientCredits(charge)
+    return charge

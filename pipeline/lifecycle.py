@@ -1,0 +1,241 @@
+"""The chain's steps as use cases: reserve, generate, store, settle, fail.
+
+Each is idempotent: a second run finds its work done and returns. State changes are
+compare-and-set on the job row; money moves go through the ledger's keyed entries.
+No transaction is held open across a provider call or a storage upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, update
+
+from pipeline import ledger
+from pipeline.db import insert_ignore, new_id, utcnow
+from pipeline.errors import InsufficientCredits
+from pipeline.jobs import get_job
+from pipeline.pricing import PriceTable
+from pipeline.storage import object_key
+from pipeline.tables import TERMINAL_STATUSES, api_usage, jobs, media_assets
+
+PREVIEW_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the generate step should do for this delivery."""
+
+    action: str  # "run" | "skip" (terminal or done) | "busy" (another worker holds it)
+    remote_id: str | None = None
+    attempts: int = 0
+
+
+def _job(engine, job_id):
+    with engine.connect() as conn:
+        return get_job(conn, job_id)
+
+
+def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
+    """Hold the estimate on the wallet. False when the job is already terminal.
+
+    Raises InsufficientCredits (after rolling back) when the wallet cannot cover it.
+    """
+    with engine.begin() as conn:
+        job = get_job(conn, job_id)
+        if job.status in TERMINAL_STATUSES:
+            return False
+        wallet = ledger.wallet_for_company(conn, job.company_id)
+        ledger.reserve(conn, wallet_id=wallet.id, job_id=job.id, amount=job.estimated_cost,
+                       ttl_seconds=ttl_seconds)
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job.id, jobs.c.reserved_at.is_(None))
+            .values(reserved_at=utcnow(), updated_at=utcnow())
+        )
+    return True
+
+
+def claim_generation(engine, job_id, *, stale_after: int) -> Claim:
+    """Take the job for this delivery, unless it is finished or alive in another worker.
+
+    A job is claimable when it has not started, when its claim was released for a
+    retry (no heartbeat), or when its heartbeat is stale (the worker died).
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        job = get_job(conn, job_id)
+        if job.status in TERMINAL_STATUSES or job.output_key is not None:
+            return Claim("skip")
+        fresh_start = job.remote_id is None
+        taken = conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                or_(
+                    jobs.c.status.in_(("pending", "queued")),
+                    and_(
+                        jobs.c.status == "processing",
+                        or_(
+                            jobs.c.heartbeat_at.is_(None),
+                            jobs.c.heartbeat_at < now - timedelta(seconds=stale_after),
+                        ),
+                    ),
+                ),
+            )
+            .values(
+                status="processing",
+                attempts=jobs.c.attempts + (1 if fresh_start else 0),
+                started_at=job.started_at or now,
+                heartbeat_at=now,
+                updated_at=now,
+            )
+        ).rowcount
+        if not taken:
+            return Claim("busy")
+        return Claim("run", job.remote_id, job.attempts + (1 if fresh_start else 0))
+
+
+def release_claim(engine, job_id, *, remote_id: str | None = None) -> None:
+    """Give the job back for a scheduled retry or poll, keeping a remote id if one came."""
+    values = {"heartbeat_at": None, "updated_at": utcnow()}
+    if remote_id is not None:
+        values["remote_id"] = remote_id
+    with engine.begin() as conn:
+        conn.execute(
+            update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)
+        )
+
+
+def save_output(engine, storage, job_id, output) -> str:
+    """Put the provider's bytes in storage and record where; returns the key."""
+    job = _job(engine, job_id)
+    key = object_key(job.company_id, job.id, f"output.{output.extension}")
+    storage.put(key, output.data, output.mime_type)
+    record = {
+        "mimeType": output.mime_type,
+        "size": len(output.data),
+        "sha256": hashlib.sha256(output.data).hexdigest(),
+        "usage": output.usage,
+        "metadata": output.metadata,
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.output_key.is_(None))
+            .values(output_key=key, output=record, heartbeat_at=utcnow(), updated_at=utcnow())
+        )
+    return key
+
+
+def store(engine, storage, job_id) -> bool:
+    """Register the stored output as a media asset with its preview. False if done already."""
+    job = _job(engine, job_id)
+    if job.stored_at is not None or job.status in TERMINAL_STATUSES:
+        return False
+    if job.output_key is None:
+        raise RuntimeError(f"job {job_id} reached store without an output")
+    out = job.output
+    size = storage.size(job.output_key)
+    if size != out["size"]:
+        raise RuntimeError(f"stored object for job {job_id} is {size} bytes, expected {out['size']}")
+    preview = None
+    if job.content_type == "text":
+        preview = storage.get(job.output_key).decode("utf-8", "replace")[:PREVIEW_CHARS]
+    result = {"key": job.output_key, "mimeType": out["mimeType"], "size": out["size"],
+              "metadata": out.get("metadata", {})}
+    with engine.begin() as conn:
+        insert_ignore(
+            conn,
+            media_assets,
+            {
+                "id": new_id(),
+                "company_id": job.company_id,
+                "job_id": job.id,
+                "content_type": job.content_type,
+                "storage_key": job.output_key,
+                "mime_type": out["mimeType"],
+                "size_bytes": out["size"],
+                "sha256": out["sha256"],
+                "metadata": out.get("metadata", {}),
+            },
+            ["job_id"],
+        )
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.stored_at.is_(None))
+            .values(stored_at=utcnow(), preview=preview, result=result, updated_at=utcnow())
+        )
+    return True
+
+
+def settle(engine, job_id) -> bool:
+    """Debit the actual cost, release the rest, complete the job: one transaction."""
+    with engine.begin() as conn:
+        job = get_job(conn, job_id)
+        if job.status in TERMINAL_STATUSES:
+            return False
+        if job.stored_at is None:
+            raise RuntimeError(f"job {job_id} reached settle before store")
+        usage = job.output.get("usage", {})
+        cost = PriceTable.from_db(conn).cost(job.provider, job.content_type, usage)
+        now = utcnow()
+        completed = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status == "processing")
+            .values(status="completed", settled_at=now, completed_at=now, updated_at=now)
+        ).rowcount
+        if not completed:
+            return False
+        debited = ledger.settle(conn, job_id, cost)
+        if debited is None:
+            # The hold was voided (it expired) before the result came: charge what the
+            # wallet allows now, never a revived hold; record any shortfall.
+            debited = ledger.charge_late(conn, job.company_id, job_id, cost)
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(actual_cost=debited))
+        insert_ignore(
+            conn,
+            api_usage,
+            {
+                "id": new_id(),
+                "company_id": job.company_id,
+                "job_id": job.id,
+                "provider": job.provider,
+                "content_type": job.content_type,
+                "usage": usage,
+                "cost": debited,
+                "metadata": {"estimatedCost": str(job.estimated_cost)},
+            },
+            ["job_id"],
+        )
+    return True
+
+
+def fail(engine, job_id, *, code: str, message: str, status: str = "failed") -> bool:
+    """End the job with a clear error and void its hold, in one transaction.
+
+    False when the job was already terminal (its money was settled by that path).
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        changed = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status.not_in(TERMINAL_STATUSES))
+            .values(status=status, error=message[:2000], error_code=code,
+                    completed_at=now, updated_at=now)
+        ).rowcount
+        ledger.void(conn, job_id, reason=code)
+    return bool(changed)
+
+
+def fail_for_credits(engine, job_id, exc: InsufficientCredits) -> bool:
+    return fail(engine, job_id, code=exc.code, message=exc.message)
+
+
+
+def touch(engine, job_id) -> None:
+    """Note that the sweeper re-drove the job, so the next sweep waits a full window."""
+    with engine.begin() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=utcnow()))

@@ -1,0 +1,48 @@
+"""Turns usage (in each provider's units) into credits, from the providers price table."""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, Decimal
+
+from sqlalchemy import select
+
+from pipeline.errors import ValidationFailed
+from pipeline.tables import providers
+
+_MICRO = Decimal("0.000001")
+
+
+class PriceTable:
+    """Prices in credits per unit: {provider: {content_type: {unit: price}}}."""
+
+    def __init__(self, prices: dict[str, dict[str, dict[str, str]]]):
+        self._prices = {
+            provider: {
+                ctype: {unit: Decimal(str(price)) for unit, price in units.items()}
+                for ctype, units in by_type.items()
+            }
+            for provider, by_type in prices.items()
+        }
+
+    @classmethod
+    def from_db(cls, conn) -> PriceTable:
+        rows = conn.execute(select(providers.c.name, providers.c.pricing)).all()
+        return cls({row.name: row.pricing for row in rows})
+
+    def offers(self, provider: str, content_type: str) -> bool:
+        return content_type in self._prices.get(provider, {})
+
+    def cost(self, provider: str, content_type: str, usage: dict[str, float]) -> Decimal:
+        """Sum of units x price, rounded up to the micro-credit; unknown units are free."""
+        try:
+            units = self._prices[provider][content_type]
+        except KeyError:
+            raise ValidationFailed(
+                f"Provider '{provider}' has no price for {content_type}.",
+                details={"provider": provider, "contentType": content_type},
+            ) from None
+        total = sum(
+            (Decimal(str(usage.get(unit, 0))) * price for unit, price in units.items()),
+            Decimal(0),
+        )
+        return total.quantize(_MICRO, rounding=ROUND_CEILING)

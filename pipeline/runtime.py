@@ -1,0 +1,45 @@
+"""The one place that wires concrete pieces together from the settings.
+
+API processes, workers and the CLI each build one Runtime; tests build theirs with
+their own settings (a test database, a key prefix, fake provider URLs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+
+from pipeline.config import Settings
+from pipeline.db import make_engine
+from pipeline.storage import Storage, open_storage
+
+
+class Publisher(Protocol):
+    """Hands a committed job's chain to the broker; raises on failure, never blocks long."""
+
+    def publish(self, job_id, queue: str) -> None: ...
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    storage: Storage
+    registry: Any
+    publisher: Publisher | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def build_runtime(settings: Settings, *, publisher: Publisher | None = None,
+                  registry=None, storage: Storage | None = None) -> Runtime:
+    from providers.registry import build_registry
+
+    return Runtime(
+        settings=settings,
+        engine=make_engine(settings.database_url),
+        storage=storage or open_storage(settings),
+        registry=registry or build_registry(settings),
+        publisher=publisher,
+    )

@@ -1,0 +1,106 @@
+"""Starts and stops a whole stack on one machine: API in-process, a worker with beat beside it.
+
+Used by `pipeline run` and `pipeline demo`. Production runs these pieces separately
+(compose.yaml): gunicorn for the API, one worker per queue family, one beat.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from tasks.names import ALL_QUEUES
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def worker_command(queues=ALL_QUEUES, *, pool: str = "threads", concurrency: int = 4,
+                   beat: bool = False, loglevel: str = "INFO", hostname: str | None = None):
+    cmd = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker",
+           "-Q", ",".join(queues), "-P", pool, "-c", str(concurrency), "-l", loglevel,
+           "--without-mingle", "--without-gossip"]
+    if hostname:
+        cmd += ["-n", hostname]
+    if beat:
+        cmd.append("-B")
+    return cmd
+
+
+class Stack:
+    """One worker subprocess (all queues, with beat) and the API on a background thread."""
+
+    def __init__(self, settings, host: str, port: int, *, log_path=None,
+                 concurrency: int = 4):
+        self.settings = settings
+        self.host = host
+        self.port = port
+        self.log_path = log_path
+        self.concurrency = concurrency
+        self.worker: subprocess.Popen | None = None
+        self.server = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def child_env(self) -> dict:
+        env = dict(os.environ)
+        env.setdefault("PIPELINE_DATA_DIR", str(self.settings.data_dir))
+        env["PUBLIC_URL"] = self.url
+        env["PYTHONUNBUFFERED"] = "1"  # the worker log is a file; show lines as they happen
+        return env
+
+    def start(self, runtime) -> None:
+        from werkzeug.serving import make_server
+
+        from api import create_app
+
+        self._log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        self.worker = subprocess.Popen(
+            worker_command(beat=True, concurrency=self.concurrency),
+            env=self.child_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT if self._log else None,
+            start_new_session=True,
+        )
+        self.server = make_server(self.host, self.port, create_app(runtime), threaded=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def worker_alive(self) -> bool:
+        return self.worker is not None and self.worker.poll() is None
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self.worker is not None and self.worker.poll() is None:
+            # Warm shutdown: the worker finishes what runs, beat stops with it.
+            os.killpg(self.worker.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.worker.poll() is None:
+                os.killpg(self.worker.pid, signal.SIGKILL)
+                self.worker.wait()
+        if self._log:
+            self._log.close()
+            self._log = None

@@ -1,0 +1,1 @@
+"""Provider adapters: each vendor's world translated into ours, behind one interface."""

@@ -1,0 +1,232 @@
+-- Content pipeline schema (PostgreSQL). Applied by `pipeline db init`; safe to run twice.
+-- pipeline/tables.py mirrors it for SQLAlchemy; tests/test_schema.py fails on any drift.
+-- Credits are NUMERIC(20,6): exact decimals, never floats.
+
+CREATE TABLE IF NOT EXISTS companies (
+    id UUID PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS users (
+    id UUID PRIMARY KEY,
+    company_id UUID NOT NULL REFERENCES companies (id),
+    email TEXT,
+    name TEXT,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS ix_users_company ON users (company_id);
+
+-- Keys are stored as SHA-256 of the secret; the prefix lets people tell keys apart.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id UUID PRIMARY KEY,
+    company_id UUID NOT NULL REFERENCES companies (id),
+    user_id UUID REFERENCES users (id),
+    name TEXT NOT NULL DEFAULT '',
+    prefix TEXT NOT NULL,
+    key_hash TEXT NOT NULL,
+    scope TEXT NOT NULL DEFAULT 'client',
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_used_at TIMESTAMPTZ,
+    revoked_at TIMESTAMPTZ,
+    CONSTRAINT uq_api_keys_hash UNIQUE (key_hash),
+    CONSTRAINT ck_api_keys_scope CHECK (scope IN ('client', 'admin'))
+);
+CREATE INDEX IF NOT EXISTS ix_api_keys_company ON api_keys (company_id);
+
+-- One wallet per company. available + held + used only ever move together with a
+-- transaction row (invariant 2), and none of them may go below zero (invariant 1).
+CREATE TABLE IF NOT EXISTS wallets (
+    id UUID PRIMARY KEY,
+    company_id UUID NOT NULL REFERENCES companies (id),
+    user_id UUID REFERENCES users (id),
+    credits_available NUMERIC(20, 6) NOT NULL DEFAULT 0,
+    credits_held NUMERIC(20, 6) NOT NULL DEFAULT 0,
+    credits_used NUMERIC(20, 6) NOT NULL DEFAULT 0,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT uq_wallets_company UNIQUE (company_id),
+    CONSTRAINT ck_wallets_available_nonneg CHECK (credits_available >= 0),
+    CONSTRAINT ck_wallets_held_nonneg CHECK (credits_held >= 0),
+    CONSTRAINT ck_wallets_used_nonneg CHECK (credits_used >= 0)
+);
+
+-- Seed 000's provider table: one row per provider, prices in credits per usage unit.
+CREATE TABLE IF NOT EXISTS providers (
+    id UUID PRIMARY KEY,
+    name TEXT NOT NULL,
+    content_types JSONB NOT NULL DEFAULT '[]',
+    enabled BOOLEAN NOT NULL DEFAULT true,
+    pricing JSONB NOT NULL DEFAULT '{}',
+    config JSONB NOT NULL DEFAULT '{}',
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT uq_providers_name UNIQUE (name)
+);
+
+-- Seed 000's jobs, which also serve as seed 002's media_projects (the job queue).
+CREATE TABLE IF NOT EXISTS jobs (
+    id UUID PRIMARY KEY,
+    company_id UUID NOT NULL REFERENCES companies (id),
+    user_id UUID REFERENCES users (id),
+    api_key_id UUID REFERENCES api_keys (id),
+    provider_id UUID REFERENCES providers (id),
+    transaction_id UUID,
+    provider TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    source TEXT NOT NULL DEFAULT 'v1',
+    prompt TEXT NOT NULL,
+    settings JSONB NOT NULL DEFAULT '{}',
+    result JSONB,
+    preview TEXT,
+    output_key TEXT,
+    output JSONB,
+    remote_id TEXT,
+    error TEXT,
+    error_code TEXT,
+    estimated_cost NUMERIC(20, 6) NOT NULL,
+    actual_cost NUMERIC(20, 6),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    queued_at TIMESTAMPTZ,
+    reserved_at TIMESTAMPTZ,
+    started_at TIMESTAMPTZ,
+    heartbeat_at TIMESTAMPTZ,
+    stored_at TIMESTAMPTZ,
+    settled_at TIMESTAMPTZ,
+    completed_at TIMESTAMPTZ,
+    CONSTRAINT ck_jobs_content_type CHECK (content_type IN ('text', 'image', 'audio', 'video')),
+    CONSTRAINT ck_jobs_status CHECK (
+        status IN ('pending', 'queued', 'processing', 'completed', 'failed', 'cancelled')
+    ),
+    CONSTRAINT ck_jobs_estimated_cost_nonneg CHECK (estimated_cost >= 0),
+    CONSTRAINT ck_jobs_actual_cost_nonneg CHECK (actual_cost >= 0)
+);
+CREATE INDEX IF NOT EXISTS ix_jobs_company_created ON jobs (company_id, created_at);
+-- The sweeper's scans: jobs by status and age of their last sign of life.
+CREATE INDEX IF NOT EXISTS ix_jobs_status_heartbeat ON jobs (status, heartbeat_at);
+
+-- The outbox: written with the job in one transaction, relayed to the broker after.
+CREATE TABLE IF NOT EXISTS job_dispatches (
+    job_id UUID PRIMARY KEY REFERENCES jobs (id),
+    queue TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    sent_at TIMESTAMPTZ,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS ix_job_dispatches_unsent ON job_dispatches (sent_at, created_at);
+
+-- Append-only ledger. idempotency_key (reserve:<job>, debit:<job>, ...) makes every
+-- money move happen at most once, whatever the number of deliveries.
+CREATE TABLE IF NOT EXISTS transactions (
+    id UUID PRIMARY KEY,
+    wallet_id UUID NOT NULL REFERENCES wallets (id),
+    job_id UUID REFERENCES jobs (id),
+    type TEXT NOT NULL,
+    amount NUMERIC(20, 6) NOT NULL,
+    status TEXT NOT NULL DEFAULT 'posted',
+    idempotency_key TEXT NOT NULL,
+    reference_id UUID,
+    metadata JSONB NOT NULL DEFAULT '{}',
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT uq_transactions_idempotency_key UNIQUE (idempotency_key),
+    CONSTRAINT ck_transactions_type CHECK (
+        type IN ('deposit', 'reservation', 'debit', 'release', 'refund')
+    ),
+    CONSTRAINT ck_transactions_amount_positive CHECK (amount > 0)
+);
+CREATE INDEX IF NOT EXISTS ix_transactions_wallet_created ON transactions (wallet_id, created_at);
+CREATE INDEX IF NOT EXISTS ix_transactions_job ON transactions (job_id);
+
+-- The hold of each job (at most one: invariant 3), closed exactly once.
+CREATE TABLE IF NOT EXISTS credit_holds (
+    id UUID PRIMARY KEY,
+    wallet_id UUID NOT NULL REFERENCES wallets (id),
+    job_id UUID NOT NULL REFERENCES jobs (id),
+    amount NUMERIC(20, 6) NOT NULL,
+    status TEXT NOT NULL DEFAULT 'open',
+    expires_at TIMESTAMPTZ NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    closed_at TIMESTAMPTZ,
+    CONSTRAINT uq_credit_holds_job UNIQUE (job_id),
+    CONSTRAINT ck_credit_holds_status CHECK (status IN ('open', 'settled', 'voided')),
+    CONSTRAINT ck_credit_holds_amount_nonneg CHECK (amount >= 0)
+);
+CREATE INDEX IF NOT EXISTS ix_credit_holds_status_expires ON credit_holds (status, expires_at);
+
+-- Seed 002: completed media files, one per job.
+CREATE TABLE IF NOT EXISTS media_assets (
+    id UUID PRIMARY KEY,
+    company_id UUID NOT NULL REFERENCES companies (id),
+    job_id UUID NOT NULL REFERENCES jobs (id),
+    content_type TEXT NOT NULL,
+    storage_key TEXT NOT NULL,
+    mime_type TEXT NOT NULL,
+    size_bytes BIGINT NOT NULL,
+    sha256 TEXT NOT NULL,
+    metadata JSONB NOT NULL DEFAULT '{}',
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT uq_media_assets_job UNIQUE (job_id)
+);
+CREATE INDEX IF NOT EXISTS ix_media_assets_company ON media_assets (company_id);
+
+-- Seed 002: usage and cost per job, written when the job is settled.
+CREATE TABLE IF NOT EXISTS api_usage (
+    id UUID PRIMARY KEY,
+    company_id UUID NOT NULL REFERENCES companies (id),
+    job_id UUID NOT NULL REFERENCES jobs (id),
+    provider TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    usage JSONB NOT NULL DEFAULT '{}',
+    cost NUMERIC(20, 6) NOT NULL,
+    metadata JSONB NOT NULL DEFAULT '{}',
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT uq_api_usage_job UNIQUE (job_id)
+);
+CREATE INDEX IF NOT EXISTS ix_api_usage_company_created ON api_usage (company_id, created_at);
+
+-- Seed 002: per-company provider keys, encrypted at rest (key_data is ciphertext).
+CREATE TABLE IF NOT EXISTS provider_keys (
+    id UUID PRIMARY KEY,
+    company_id UUID NOT NULL REFERENCES companies (id),
+    provider TEXT NOT NULL,
+    key_data TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT uq_provider_keys_company_provider UNIQUE (company_id, provider)
+);
+
+-- Seed 000: structured operational log.
+CREATE TABLE IF NOT EXISTS logs (
+    id UUID PRIMARY KEY,
+    level TEXT NOT NULL,
+    service TEXT NOT NULL,
+    message TEXT NOT NULL,
+    job_id UUID,
+    user_id UUID,
+    company_id UUID,
+    provider TEXT,
+    content_type TEXT,
+    error TEXT,
+    metadata JSONB NOT NULL DEFAULT '{}',
+    timestamp TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT ck_logs_level CHECK (level IN ('debug', 'info', 'warn', 'error', 'critical'))
+);
+CREATE INDEX IF NOT EXISTS ix_logs_job ON logs (job_id);
+
+-- Seed 000: recorded measurements (Prometheus carries the live ones).
+CREATE TABLE IF NOT EXISTS metrics (
+    id UUID PRIMARY KEY,
+    name TEXT NOT NULL,
+    value DOUBLE PRECISION NOT NULL,
+    labels JSONB NOT NULL DEFAULT '{}',
+    job_id UUID,
+    timestamp TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS ix_metrics_name_timestamp ON metrics (name, timestamp);

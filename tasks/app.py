@@ -1,0 +1,71 @@
+"""Builds the Celery app from Settings; each worker process builds its Runtime lazily."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from pipeline.config import Settings
+from tasks import names
+
+
+def broker_options(settings: Settings) -> dict:
+    """Transport options per broker family."""
+    url = settings.broker_url
+    if url.startswith("filesystem"):
+        folder = settings.data_dir / "broker"
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    if url.startswith(("redis", "rediss")):
+        import celeryconfig
+
+        options = {
+            "visibility_timeout": celeryconfig.REDIS_VISIBILITY_TIMEOUT,
+            # Bounded waits so a submit with Redis down answers quickly.
+            "socket_connect_timeout": settings.publish_timeout_seconds,
+            "socket_timeout": 30,
+        }
+        if settings.broker_key_prefix:
+            options["global_keyprefix"] = settings.broker_key_prefix
+        return options
+    return {}
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("pipeline", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    app.conf.broker_url = settings.broker_url
+    app.conf.broker_transport_options = broker_options(settings)
+    app.conf.broker_connection_timeout = settings.publish_timeout_seconds
+    app.conf.beat_schedule = {
+        "sweep": {"task": names.SWEEP, "schedule": settings.sweep_interval_seconds,
+                  "options": {"queue": names.MAINTENANCE_QUEUE, "expires": 60}},
+    }
+    app.conf.beat_schedule_filename = str(settings.data_dir / "celerybeat-schedule")
+    if settings.broker_url.startswith("filesystem"):
+        # The filesystem transport has no broadcast, so remote control cannot work there.
+        app.conf.worker_enable_remote_control = False
+    app.settings = settings
+    app._runtime = None
+    from tasks import steps, sweeps
+
+    steps.register(app)
+    sweeps.register(app)
+    return app
+
+
+def runtime_of(app):
+    """The process's Runtime, built on first use (after fork, never at import)."""
+    if app._runtime is None:
+        from pipeline.runtime import build_runtime
+        from tasks.chain import CeleryPublisher
+
+        app._runtime = build_runtime(app.settings, publisher=CeleryPublisher(app))
+    return app._runtime

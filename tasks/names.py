@@ -1,0 +1,26 @@
+"""Stable task and queue names: moving a module must never orphan queued messages."""
+
+RESERVE = "pipeline.reserve"
+GENERATE = "pipeline.generate"
+STORE = "pipeline.store"
+SETTLE = "pipeline.settle"
+FAIL_AND_REFUND = "pipeline.fail_and_refund"
+SWEEP = "pipeline.sweep"
+
+PIPELINE_QUEUE = "pipeline"
+LOCAL_QUEUE = "local"
+MAINTENANCE_QUEUE = "maintenance"
+SAAS_QUEUES = tuple(f"saas.{name}" for name in
+                    ("openai", "stability", "elevenlabs", "runway", "heygen"))
+GPU_QUEUES = ("gpu.comfyui",)
+ALL_QUEUES = (PIPELINE_QUEUE, LOCAL_QUEUE, MAINTENANCE_QUEUE, *SAAS_QUEUES, *GPU_QUEUES)
+
+# `pipeline worker --queues <family>` expands these.
+QUEUE_FAMILIES = {
+    "pipeline": (PIPELINE_QUEUE,),
+    "local": (LOCAL_QUEUE,),
+    "saas": SAAS_QUEUES,
+    "gpu": GPU_QUEUES,
+    "maintenance": (MAINTENANCE_QUEUE,),
+    "all": ALL_QUEUES,
+}
