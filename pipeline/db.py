@@ -59,10 +59,14 @@ def make_engine(database_url: str, *, pool_size: int = 5) -> Engine:
 def insert_ignore(conn, table, values: dict, conflict_columns: list[str]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when the row was written by this call."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing(
-        index_elements=conflict_columns
+    stmt = (
+        dialect.insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+        # rowcount is not reliable for this statement across drivers; RETURNING is.
+        .returning(table.c[conflict_columns[0]])
     )
-    return conn.execute(stmt).rowcount == 1
+    return conn.execute(stmt).first() is not None
 
 
 def init_db(engine: Engine) -> None:

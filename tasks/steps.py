@@ -63,7 +63,7 @@ def register(app) -> None:
     retry_db = {"autoretry_for": (OperationalError,), "retry_backoff": True,
                 "retry_jitter": True}
 
-    @app.task(name=names.RESERVE, base=JobTask, bind=True, **retry_db)
+    @app.task(name=names.RESERVE, shared=False, base=JobTask, bind=True, **retry_db)
     def reserve(self, job_id):
         engine = self.runtime.engine
         try:
@@ -75,7 +75,7 @@ def register(app) -> None:
         if not reserved:
             raise Ignore()
 
-    @app.task(name=names.GENERATE, base=JobTask, bind=True, soft_time_limit=300,
+    @app.task(name=names.GENERATE, shared=False, base=JobTask, bind=True, soft_time_limit=300,
               time_limit=330, **retry_db)
     def generate(self, job_id):
         rt = self.runtime
@@ -113,15 +113,15 @@ def register(app) -> None:
             lifecycle.release_claim(rt.engine, job_id, remote_id=pending.remote_id)
             raise self.retry(countdown=POLL_SECONDS, max_retries=None)
 
-    @app.task(name=names.STORE, base=JobTask, bind=True, **retry_db)
+    @app.task(name=names.STORE, shared=False, base=JobTask, bind=True, **retry_db)
     def store(self, job_id):
         lifecycle.store(self.runtime.engine, self.runtime.storage, job_id)
 
-    @app.task(name=names.SETTLE, base=JobTask, bind=True, **retry_db)
+    @app.task(name=names.SETTLE, shared=False, base=JobTask, bind=True, **retry_db)
     def settle(self, job_id):
         lifecycle.settle(self.runtime.engine, job_id)
 
-    @app.task(name=names.FAIL_AND_REFUND, base=JobTask, bind=True, **retry_db)
+    @app.task(name=names.FAIL_AND_REFUND, shared=False, base=JobTask, bind=True, **retry_db)
     def fail_and_refund(self, job_id):
         lifecycle.fail(self.runtime.engine, job_id, code="INTERNAL_ERROR",
                        message="A step of this job failed unexpectedly.")

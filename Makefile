@@ -1,0 +1,35 @@
+# Content pipeline. `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+demo: $(STAMP) ## run one job of each content type on the embedded default, check, stop
+	$(BIN)/pipeline demo
+
+run: $(STAMP) ## API + worker + beat in the foreground (PORT=8000)
+	$(BIN)/pipeline run --port $(or $(PORT),8000)
+
+test: $(STAMP) ## the whole suite (needs PostgreSQL, Redis and RabbitMQ on localhost)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+clean: ## remove the virtualenv and local data
+	rm -rf $(VENV) var .pytest_cache .ruff_cache
+
+.PHONY: help install demo run test lint clean

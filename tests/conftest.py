@@ -1,0 +1,191 @@
+"""Shared fixtures: a PostgreSQL database, a Redis key prefix, moto's S3 server, and workers.
+
+Every run makes its own database and Redis key prefix and removes them at the end:
+the servers are shared by everything running on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from pipeline.config import Settings
+from pipeline.db import init_db
+from pipeline.runtime import build_runtime
+from pipeline.stack import free_port, worker_command
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _pg_url(name: str) -> str:
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh PostgreSQL database for this run; dropped at the end."""
+    name = f"cp_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield _pg_url(name)
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_pg_database():
+    """A database with nothing in it, for tests of schema setup itself."""
+    name = f"cp_schema_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield _pg_url(name)
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_prefix():
+    """A key prefix of our own on the shared Redis; its keys are deleted at the end."""
+    prefix = f"cp-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{prefix}*", count=500):
+        client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url():
+    """A RabbitMQ virtual host of our own (guest may use it); deleted at the end."""
+    vhost = f"cp-test-{uuid.uuid4().hex[:10]}"
+
+    def ctl(*args):
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_vhost", vhost)
+    ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    ctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 in server mode, spoken to over HTTP by boto3 in tests and workers."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ENV)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def distributed_env(tmp_path: Path, pg_url: str, prefix: str, *, storage_url: str,
+                    s3_endpoint: str | None = None, **extra) -> dict[str, str]:
+    env = {
+        "PIPELINE_DATA_DIR": str(tmp_path / "var"),
+        "DATABASE_URL": pg_url,
+        "CELERY_BROKER_URL": REDIS_URL,
+        "CELERY_BROKER_KEY_PREFIX": prefix,
+        "STORAGE_URL": storage_url,
+        "SECRET_KEY": "test-secret-key",
+        "PUBLIC_URL": "http://testserver",
+        "PIPELINE_ENV_FILE": str(tmp_path / "no.env"),
+        **AWS_ENV,
+    }
+    if s3_endpoint:
+        env["S3_ENDPOINT_URL"] = s3_endpoint
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def pg_runtime(pg_database, tmp_path_factory):
+    """A Runtime on the run's PostgreSQL database with local storage and no publisher."""
+    tmp = tmp_path_factory.mktemp("pg-runtime")
+    settings = Settings.from_env(environ={
+        "PIPELINE_DATA_DIR": str(tmp), "DATABASE_URL": pg_database, "SECRET_KEY": "k",
+        "PIPELINE_ENV_FILE": str(tmp / "no.env")})
+    runtime = build_runtime(settings)
+    init_db(runtime.engine)
+    yield runtime
+    runtime.engine.dispose()
+
+
+class Worker:
+    """A real Celery worker in a subprocess, with its log kept for failure messages."""
+
+    def __init__(self, env: dict, log_path: Path, queues=None, concurrency: int = 4,
+                 pool: str = "threads", beat: bool = False, name: str | None = None):
+        from tasks.names import ALL_QUEUES
+
+        self.log_path = log_path
+        self.name = name or f"w{uuid.uuid4().hex[:6]}"
+        cmd = worker_command(queues or ALL_QUEUES, pool=pool, concurrency=concurrency,
+                             beat=beat, hostname=f"{self.name}@%h")
+        child_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log()}")
+            if " ready." in self.log():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def child_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    """Factory: start_worker(env, **options) -> a ready Worker, stopped after the test."""
+    workers: list[Worker] = []
+
+    def start(env: dict, **options) -> Worker:
+        worker = Worker(env, tmp_path / f"worker-{len(workers)}.log", **options)
+        workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def pytest_report_header(config):
+    return [f"python: {sys.executable}", f"postgres: {PG_ADMIN_URL}", f"redis: {REDIS_URL}"]
