@@ -1,4 +1,4 @@
-"""WSGI entry point for gunicorn: `gunicorn 'api.wsgi:create()'` builds the app from the environment."""
+"""WSGI entry point for gunicorn: `gunicorn 'api.wsgi:create()'` builds the app from the env."""
 
 from __future__ import annotations
 

@@ -75,6 +75,12 @@ def run_demo(settings: Settings, *, port: int = 0, as_json: bool = False) -> int
 def _drive(url: str, api_key: str, as_json: bool) -> dict:
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {api_key}"
+    views = _wait(http, url, _submit(http, url, as_json), as_json)
+    results, ok = _check_results(http, views, as_json)
+    return _report_wallet(http, url, results, ok, as_json)
+
+
+def _submit(http, url: str, as_json: bool) -> dict[str, str]:
     jobs = {}
     say(as_json, "\nsubmitting one job of each content type")
     for ctype, spec in JOBS.items():
@@ -84,7 +90,10 @@ def _drive(url: str, api_key: str, as_json: bool) -> dict:
         jobs[ctype] = body["jobId"]
         say(as_json, f"  {ctype:6} {body['jobId']}  {body['status']:9} "
                      f"estimate {body['estimatedCost']}")
+    return jobs
 
+
+def _wait(http, url: str, jobs: dict[str, str], as_json: bool) -> dict[str, dict]:
     say(as_json, "\nwaiting")
     views: dict[str, dict] = {}
     seen: dict[str, str] = {}
@@ -99,7 +108,10 @@ def _drive(url: str, api_key: str, as_json: bool) -> dict:
         if all(v["status"] in ("completed", "failed", "cancelled") for v in views.values()):
             break
         time.sleep(0.3)
+    return views
 
+
+def _check_results(http, views: dict[str, dict], as_json: bool) -> tuple[list[dict], bool]:
     say(as_json, "\nresults")
     results, ok = [], True
     for ctype, view in views.items():
@@ -121,7 +133,10 @@ def _drive(url: str, api_key: str, as_json: bool) -> dict:
             say(as_json, f"         {view['result']['url']}")
         if view.get("preview"):
             say(as_json, f"         preview: {view['preview'][:70]!r}")
+    return results, ok
 
+
+def _report_wallet(http, url: str, results: list[dict], ok: bool, as_json: bool) -> dict:
     wallet = http.get(f"{url}/v1/wallet", timeout=30).json()
     entries = http.get(f"{url}/v1/wallet/transactions", timeout=30).json()["transactions"]
     spent = sum((Decimal(r["actualCost"] or 0) for r in results), Decimal(0))

@@ -102,7 +102,7 @@ def dispatch(engine, publisher, job_id, queue: str) -> bool:
     """
     try:
         publisher.publish(job_id, queue)
-    except Exception as exc:  # noqa: BLE001 - any broker failure leaves the job to the relay
+    except Exception as exc:
         with engine.begin() as conn:
             record_dispatch_failure(conn, job_id, type(exc).__name__)
         log.warning("job %s: broker unavailable at dispatch (%s); left to the outbox relay",

@@ -140,7 +140,9 @@ def store(engine, storage, job_id) -> bool:
     out = job.output
     size = storage.size(job.output_key)
     if size != out["size"]:
-        raise RuntimeError(f"stored object for job {job_id} is {size} bytes, expected {out['size']}")
+        raise RuntimeError(
+            f"stored object for job {job_id} is {size} bytes, expected {out['size']}"
+        )
     preview = None
     if job.content_type == "text":
         preview = storage.get(job.output_key).decode("utf-8", "replace")[:PREVIEW_CHARS]

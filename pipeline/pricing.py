@@ -6,10 +6,21 @@ from decimal import ROUND_CEILING, Decimal
 
 from sqlalchemy import select
 
-from pipeline.errors import ValidationFailed
+from pipeline.errors import PipelineError, ValidationFailed
 from pipeline.tables import providers
 
 _MICRO = Decimal("0.000001")
+
+
+class UnpricedUsage(PipelineError):
+    code = "UNPRICED_USAGE"
+
+    def __init__(self, provider: str, content_type: str, units: list[str]):
+        super().__init__(
+            f"No price for {', '.join(units)} of {provider} {content_type}; "
+            "add it to the providers table.",
+            details={"provider": provider, "contentType": content_type, "units": units},
+        )
 
 
 class PriceTable:
@@ -33,7 +44,11 @@ class PriceTable:
         return content_type in self._prices.get(provider, {})
 
     def cost(self, provider: str, content_type: str, usage: dict[str, float]) -> Decimal:
-        """Sum of units x price, rounded up to the micro-credit; unknown units are free."""
+        """Sum of units x price, rounded up to the micro-credit.
+
+        A unit the table does not price is an error, never free: a silent zero would
+        give work away. tests/providers/test_saas_prices.py keeps the table complete.
+        """
         try:
             units = self._prices[provider][content_type]
         except KeyError:
@@ -41,8 +56,11 @@ class PriceTable:
                 f"Provider '{provider}' has no price for {content_type}.",
                 details={"provider": provider, "contentType": content_type},
             ) from None
+        unpriced = sorted(set(usage) - set(units))
+        if unpriced:
+            raise UnpricedUsage(provider, content_type, unpriced)
         total = sum(
-            (Decimal(str(usage.get(unit, 0))) * price for unit, price in units.items()),
+            (Decimal(str(amount)) * units[unit] for unit, amount in usage.items()),
             Decimal(0),
         )
         return total.quantize(_MICRO, rounding=ROUND_CEILING)

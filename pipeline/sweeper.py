@@ -36,7 +36,7 @@ def relay_outbox(engine, publisher, *, grace_seconds: int, batch: int = 100) -> 
         for row in rows:
             try:
                 publisher.publish(row.job_id, row.queue)
-            except Exception as exc:  # noqa: BLE001 - broker still down; next sweep retries
+            except Exception as exc:
                 jobs_uc.record_dispatch_failure(conn, row.job_id, type(exc).__name__)
                 log.warning("outbox relay: broker unavailable (%s); %d jobs wait",
                             type(exc).__name__, len(rows) - sent)
@@ -68,7 +68,7 @@ def redrive_stuck(engine, publisher, *, stale_seconds: int, batch: int = 100) ->
     for row in rows:
         try:
             publisher.publish(row.id, row.queue)
-        except Exception as exc:  # noqa: BLE001 - broker down; the next sweep tries again
+        except Exception as exc:
             log.warning("re-drive: broker unavailable (%s)", type(exc).__name__)
             break
         lifecycle.touch(engine, row.id)

@@ -11,8 +11,8 @@ log = logging.getLogger("pipeline.sweeper")
 
 
 def register(app) -> None:
-    @app.task(name=names.SWEEP, shared=False, ignore_result=True, soft_time_limit=120, time_limit=150,
-              acks_late=False)
+    @app.task(name=names.SWEEP, shared=False, ignore_result=True, soft_time_limit=120,
+              time_limit=150, acks_late=False)
     def sweep():
         # acks_late off: a lost sweep is simply run again by beat a few seconds later.
         from tasks.app import runtime_of

@@ -129,7 +129,7 @@ def pg_runtime(pg_database, tmp_path_factory):
 class Worker:
     """A real Celery worker in a subprocess, with its log kept for failure messages."""
 
-    def __init__(self, env: dict, log_path: Path, queues=None, concurrency: int = 4,
+    def __init__(self, env: dict, log_path: Path, *, queues=None, concurrency: int = 4,
                  pool: str = "threads", beat: bool = False, name: str | None = None):
         from tasks.names import ALL_QUEUES
 

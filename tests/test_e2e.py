@@ -77,10 +77,13 @@ def test_every_content_type_completes_on_postgres_redis_and_s3(distributed, star
         assert check_file(ctype, data) is None, ctype
         assert len(data) == view["result"]["size"]
         assert Decimal(view["actualCost"]) <= Decimal(view["estimatedCost"])
-        assert view["reservedAt"] and view["storedAt"] and view["settledAt"]
+        assert view["reservedAt"]
+        assert view["storedAt"]
+        assert view["settledAt"]
         spent += Decimal(view["actualCost"])
         if ctype == "text":
-            assert view["preview"] and view["preview"] in data.decode()
+            assert view["preview"]
+            assert view["preview"] in data.decode()
     wallet = wallet_of(rt.engine, company.company_id)
     assert wallet.credits_available == Decimal(20) - spent
     assert wallet.credits_held == 0

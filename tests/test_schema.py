@@ -23,7 +23,8 @@ def _shape_from_db(engine) -> dict:
         shape[name] = {
             "columns": {c["name"]: (_type(c["type"]), c["nullable"])
                         for c in insp.get_columns(name)},
-            "unique": {u["name"]: tuple(u["column_names"]) for u in insp.get_unique_constraints(name)},
+            "unique": {u["name"]: tuple(u["column_names"])
+                       for u in insp.get_unique_constraints(name)},
             "checks": {c["name"] for c in insp.get_check_constraints(name)},
             "indexes": {i["name"]: tuple(i["column_names"]) for i in insp.get_indexes(name)
                         if not i.get("duplicates_constraint")},

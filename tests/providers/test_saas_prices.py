@@ -1,4 +1,4 @@
-"""Every usage unit an adapter reports has a price in providers/saas_prices.json."""
+"""Every usage unit an adapter reports has a price in the one price table (pipeline/prices.json)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from providers.openai import OpenAIProvider
 from providers.runway import RunwayProvider
 from providers.stability import StabilityProvider
 
-PRICES = json.loads((Path(__file__).parents[2] / "providers" / "saas_prices.json").read_text())
+TABLE = json.loads((Path(__file__).parents[2] / "pipeline" / "prices.json").read_text())
+PRICES = {name: entry["pricing"] for name, entry in TABLE.items() if not name.startswith("_")}
 SMOKE = {"1": {"class_type": "SaveImage", "inputs": {}}}
 IMAGE = "https://example.com/a.png"
 REFERENCE = [{"uri": IMAGE}]
@@ -51,15 +52,16 @@ CASES = [
 
 @pytest.mark.parametrize(("provider", "content_type", "settings"), CASES)
 def test_every_reported_unit_is_priced(provider, content_type, settings):
-    # The price table treats an unknown unit as free, so a missing price would be a silent loss.
+    # An unpriced unit would fail the job at settle, after the provider did the work.
     usage = provider.estimate_usage(content_type, "a short prompt", settings)
     priced = PRICES[provider.name][content_type]
     assert set(usage) <= set(priced), f"{provider.name} {content_type}: {usage}"
 
 
 def test_prices_are_exact_decimals_with_a_source():
-    for name, by_type in PRICES.items():
-        assert by_type["_source"].startswith("API-NOTES"), name
-        for content_type, units in by_type.items():
-            if content_type != "_source":
-                assert all(Decimal(price) >= 0 for price in units.values()), (name, content_type)
+    for name, entry in TABLE.items():
+        if name.startswith("_"):
+            continue
+        assert entry["config"]["source"], name
+        for content_type, units in entry["pricing"].items():
+            assert all(Decimal(price) >= 0 for price in units.values()), (name, content_type)
