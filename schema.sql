@@ -230,3 +230,58 @@ CREATE TABLE IF NOT EXISTS metrics (
     timestamp TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS ix_metrics_name_timestamp ON metrics (name, timestamp);
+
+-- Idempotency-Key on job creation (Stripe semantics), scoped to the company.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    company_id UUID NOT NULL REFERENCES companies (id),
+    key TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'in_flight',
+    response_status INTEGER,
+    response_body JSONB,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at TIMESTAMPTZ NOT NULL,
+    CONSTRAINT pk_idempotency_keys PRIMARY KEY (company_id, key),
+    CONSTRAINT ck_idempotency_keys_status CHECK (status IN ('in_flight', 'done'))
+);
+CREATE INDEX IF NOT EXISTS ix_idempotency_keys_expires ON idempotency_keys (expires_at);
+
+-- Spending caps per period (calendar day or month, UTC) for a company, a user or a key.
+-- subject is '' for the whole company, else the user's or the key's id.
+CREATE TABLE IF NOT EXISTS budgets (
+    id UUID PRIMARY KEY,
+    company_id UUID NOT NULL REFERENCES companies (id),
+    scope TEXT NOT NULL DEFAULT 'company',
+    subject TEXT NOT NULL DEFAULT '',
+    period TEXT NOT NULL,
+    cap NUMERIC(20, 6) NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT uq_budgets_subject UNIQUE (company_id, scope, subject, period),
+    CONSTRAINT ck_budgets_scope CHECK (scope IN ('company', 'user', 'api_key')),
+    CONSTRAINT ck_budgets_period CHECK (period IN ('day', 'month')),
+    CONSTRAINT ck_budgets_cap_nonneg CHECK (cap >= 0)
+);
+
+-- Every provider attempt of a job: which provider ran, and how it ended.
+CREATE TABLE IF NOT EXISTS job_attempts (
+    id UUID PRIMARY KEY,
+    job_id UUID NOT NULL REFERENCES jobs (id),
+    number INTEGER NOT NULL,
+    provider TEXT NOT NULL,
+    remote_id TEXT,
+    outcome TEXT,
+    error_code TEXT,
+    error TEXT,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at TIMESTAMPTZ,
+    CONSTRAINT uq_job_attempts_job_number UNIQUE (job_id, number)
+);
+
+-- Per-provider circuit breaker, shared by every worker through the database.
+CREATE TABLE IF NOT EXISTS provider_circuits (
+    provider TEXT PRIMARY KEY,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    opened_until TIMESTAMPTZ,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);

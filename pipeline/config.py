@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -25,18 +26,22 @@ def _read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-def _secret_key(data_dir: Path, given: str | None) -> str:
-    """The signing key; in embedded mode one is made once and kept beside the data."""
+def _kept_secret(data_dir: Path, name: str, given: str | None, make) -> str:
+    """A secret from the environment, or (embedded mode) one made once beside the data."""
     if given:
         return given
-    path = data_dir / "secret_key"
+    path = data_dir / name
     if path.is_file():
         return path.read_text().strip()
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    path.write_text(key)
+    value = make()
+    path.write_text(value)
     path.chmod(0o600)
-    return key
+    return value
+
+
+def _fernet_key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class Settings:
     broker_url: str
     storage_url: str
     secret_key: str = field(repr=False)
+    # Fernet keys for per-company provider keys, newest first: encrypt with the first,
+    # decrypt with any, so keys rotate by prepending a new one (`pipeline keys rotate`).
+    provider_key_secrets: tuple[str, ...] = field(default=(), repr=False)
     public_url: str = "http://127.0.0.1:8000"
     broker_key_prefix: str = ""
     s3_endpoint_url: str | None = None
@@ -84,7 +92,14 @@ class Settings:
             "database_url": env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'pipeline.db'}",
             "broker_url": env.get("CELERY_BROKER_URL") or "filesystem://",
             "storage_url": env.get("STORAGE_URL") or f"file://{data_dir / 'storage'}",
-            "secret_key": _secret_key(data_dir, env.get("SECRET_KEY")),
+            "secret_key": _kept_secret(data_dir, "secret_key", env.get("SECRET_KEY"),
+                                       lambda: secrets.token_urlsafe(32)),
+            "provider_key_secrets": tuple(
+                k.strip()
+                for k in _kept_secret(data_dir, "provider_key_secrets",
+                                      env.get("PROVIDER_KEY_SECRETS"), _fernet_key).split(",")
+                if k.strip()
+            ),
             "public_url": env.get("PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/"),
             "broker_key_prefix": env.get("CELERY_BROKER_KEY_PREFIX", ""),
             "s3_endpoint_url": env.get("S3_ENDPOINT_URL") or None,

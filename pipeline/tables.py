@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     Numeric,
     Table,
     Text,
@@ -330,4 +331,62 @@ metrics = Table(
     Column("job_id", Uuid),
     Column("timestamp", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("ix_metrics_name_timestamp", "name", "timestamp"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("company_id", Uuid, ForeignKey("companies.id"), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("request_hash", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'in_flight'")),
+    Column("response_status", Integer),
+    Column("response_body", Json),
+    _now(),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("company_id", "key", name="pk_idempotency_keys"),
+    CheckConstraint("status IN ('in_flight', 'done')", name="ck_idempotency_keys_status"),
+    Index("ix_idempotency_keys_expires", "expires_at"),
+)
+
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("company_id", Uuid, ForeignKey("companies.id"), nullable=False),
+    Column("scope", Text, nullable=False, server_default=text("'company'")),
+    Column("subject", Text, nullable=False, server_default=text("''")),
+    Column("period", Text, nullable=False),
+    Column("cap", Credits, nullable=False),
+    _now(),
+    _ts("updated_at", required=True),
+    UniqueConstraint("company_id", "scope", "subject", "period", name="uq_budgets_subject"),
+    CheckConstraint("scope IN ('company', 'user', 'api_key')", name="ck_budgets_scope"),
+    CheckConstraint("period IN ('day', 'month')", name="ck_budgets_period"),
+    CheckConstraint("cap >= 0", name="ck_budgets_cap_nonneg"),
+)
+
+job_attempts = Table(
+    "job_attempts",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("job_id", Uuid, ForeignKey("jobs.id"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("provider", Text, nullable=False),
+    Column("remote_id", Text),
+    Column("outcome", Text),
+    Column("error_code", Text),
+    Column("error", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    _ts("finished_at"),
+    UniqueConstraint("job_id", "number", name="uq_job_attempts_job_number"),
+)
+
+provider_circuits = Table(
+    "provider_circuits",
+    metadata,
+    Column("provider", Text, primary_key=True),
+    Column("consecutive_failures", Integer, nullable=False, server_default=text("0")),
+    _ts("opened_until"),
+    _ts("updated_at", required=True),
 )
