@@ -8,13 +8,26 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
-from api.auth import current_principal
+from api.auth import current_principal, require_admin
 from api.jobs import runtime
+from pipeline import budgets
+from pipeline import wallets as wallets_uc
 from pipeline.tables import TRANSACTION_TYPES
 from pipeline.wallets import list_transactions, wallet_summary
 
 blp = Blueprint("wallet", __name__, url_prefix="/v1/wallet",
                 description="Credits: available, held by running jobs, and used.")
+
+
+class BudgetSchema(Schema):
+    scope = fields.String(metadata={"description": "company, user or api_key"})
+    subject = fields.String(allow_none=True, metadata={"description": "user or key id"})
+    period = fields.String(metadata={"description": "day or month (UTC calendar)"})
+    cap = fields.String()
+    periodStart = fields.String()
+    spent = fields.String(metadata={"description": "Charged since the period began"})
+    held = fields.String(metadata={"description": "Held by jobs still running"})
+    remaining = fields.String()
 
 
 class WalletSchema(Schema):
@@ -23,6 +36,37 @@ class WalletSchema(Schema):
     held = fields.String(metadata={"description": "Credits held by jobs still running"})
     used = fields.String(metadata={"description": "Credits charged so far"})
     openHolds = fields.Integer()
+    budgets = fields.List(fields.Nested(BudgetSchema))
+
+
+class DepositSchema(Schema):
+    amount = fields.Decimal(required=True, places=6, validate=validate.Range(min=0,
+                            min_inclusive=False), as_string=True)
+    reference = fields.String(required=True, validate=validate.Length(1, 200), metadata={
+        "description": "Your unique id for this deposit: a retry with it changes nothing"})
+    reason = fields.String(load_default="", validate=validate.Length(max=500))
+
+
+class RefundSchema(Schema):
+    jobId = fields.UUID(required=True)
+    amount = fields.Decimal(load_default=None, places=6, as_string=True,
+                            metadata={"description": "Default: the job's whole charge"})
+    reference = fields.String(required=True, validate=validate.Length(1, 200))
+    reason = fields.String(load_default="", validate=validate.Length(max=500))
+
+
+class MoneyMoveResult(Schema):
+    created = fields.Boolean(metadata={"description": "False when the reference was replayed"})
+    wallet = fields.Nested(WalletSchema)
+
+
+class BudgetSet(Schema):
+    period = fields.String(required=True, validate=validate.OneOf(budgets.PERIODS))
+    cap = fields.Decimal(required=True, places=6, as_string=True,
+                         validate=validate.Range(min=0))
+    scope = fields.String(load_default="company", validate=validate.OneOf(budgets.SCOPES))
+    subject = fields.String(load_default="", metadata={
+        "description": "The user id or API key id, for user and api_key budgets"})
 
 
 class TransactionsQuery(Schema):
@@ -68,3 +112,45 @@ class Transactions(MethodView):
                                      limit=query["limit"], before=before, type_=query["type"])
         cursor = rows[-1]["id"] if len(rows) == query["limit"] else None
         return {"transactions": rows, "nextCursor": cursor}
+
+
+@blp.route("/deposits")
+class Deposits(MethodView):
+    @blp.arguments(DepositSchema)
+    @blp.response(201, MoneyMoveResult)
+    def post(self, body):
+        """Add credits (admin key). Idempotent on `reference`."""
+        principal = require_admin()
+        return wallets_uc.deposit(runtime().engine, principal.company_id, body["amount"],
+                                  reference=body["reference"], reason=body["reason"])
+
+
+@blp.route("/refunds")
+class Refunds(MethodView):
+    @blp.arguments(RefundSchema)
+    @blp.response(201, MoneyMoveResult)
+    def post(self, body):
+        """Return part or all of a job's charge (admin key). Idempotent on `reference`."""
+        principal = require_admin()
+        return wallets_uc.refund(runtime().engine, principal.company_id, body["jobId"],
+                                 body["amount"], reference=body["reference"],
+                                 reason=body["reason"])
+
+
+@blp.route("/budgets")
+class Budgets(MethodView):
+    @blp.response(200, BudgetSchema(many=True))
+    def get(self):
+        """The company's budgets with this period's spend and open holds."""
+        with runtime().engine.connect() as conn:
+            return budgets.summaries(conn, current_principal().company_id)
+
+    @blp.arguments(BudgetSet)
+    @blp.response(200, BudgetSchema(many=True))
+    def put(self, body):
+        """Set a cap (admin key): for the company, a user, or one API key."""
+        principal = require_admin()
+        budgets.set_budget(runtime().engine, principal.company_id, period=body["period"],
+                           cap=body["cap"], scope=body["scope"], subject=body["subject"])
+        with runtime().engine.connect() as conn:
+            return budgets.summaries(conn, principal.company_id)

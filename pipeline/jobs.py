@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from sqlalchemy import and_, select, update
 
-from pipeline import ledger
+from pipeline import budgets, ledger
 from pipeline.db import new_id, utcnow
 from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
 from pipeline.pricing import PriceTable
@@ -73,6 +73,8 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
         wallet = ledger.wallet_for_company(conn, principal.company_id)
         if wallet.credits_available < estimate:
             raise InsufficientCredits(estimate, wallet.credits_available)
+        budgets.check(conn, principal.company_id, principal.user_id, principal.api_key_id,
+                      estimate, lock=False)
         job_id = new_id()
         row = {
             "id": job_id,

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from pipeline.config import credits
 from pipeline.db import insert_ignore, new_id, utcnow
-from pipeline.errors import InsufficientCredits, LedgerConflict, NotFound
+from pipeline.errors import InsufficientCredits, LedgerConflict, NotFound, ValidationFailed
 from pipeline.tables import credit_holds, transactions, wallets
 
 ZERO = Decimal("0.000000")
@@ -192,3 +192,44 @@ def charge_late(conn, company_id, job_id, amount) -> Decimal:
     ):
         raise InsufficientCredits(charge)
     return charge
+
+
+def refund_debit(conn, job_id, amount, *, reference: str, reason: str) -> bool:
+    """An operator returns (part of) a job's posted charge; False for a replayed reference.
+
+    The wallet row is locked first so two refunds of one job cannot together return
+    more than was charged. The entry carries `kind: operator` so the audit can tell it
+    from the refund of a hold.
+    """
+    amount = credits(amount)
+    if amount <= 0:
+        raise ValidationFailed("amount must be positive.", details={"field": "amount"})
+    debit = conn.execute(
+        select(transactions.c.wallet_id, transactions.c.amount)
+        .where(transactions.c.idempotency_key == f"debit:{job_id}")
+    ).first()
+    if debit is None:
+        raise NotFound("NOTHING_TO_REFUND", "This job has no charge to refund.",
+                       details={"jobId": str(job_id)})
+    conn.execute(select(wallets.c.id).where(wallets.c.id == debit.wallet_id).with_for_update())
+    key = f"operator-refund:{job_id}:{reference}"
+    refunded = sum(
+        conn.execute(
+            select(transactions.c.amount).where(
+                transactions.c.job_id == job_id, transactions.c.type == "refund",
+                transactions.c.idempotency_key.like("operator-refund:%"),
+                transactions.c.idempotency_key != key)
+        ).scalars(),
+        ZERO,
+    )
+    if amount > debit.amount - refunded:
+        raise ValidationFailed(
+            "The refund is more than what is left of the charge.",
+            details={"field": "amount", "charged": str(debit.amount),
+                     "alreadyRefunded": str(refunded)},
+        )
+    if not _record(conn, wallet_id=debit.wallet_id, type_="refund", amount=amount, key=key,
+                   job_id=job_id, metadata={"kind": "operator", "reason": reason}):
+        return False
+    _move(conn, debit.wallet_id, credits_available=amount, credits_used=-amount)
+    return True

@@ -13,9 +13,9 @@ from datetime import timedelta
 
 from sqlalchemy import and_, or_, update
 
-from pipeline import ledger
+from pipeline import budgets, ledger
 from pipeline.db import insert_ignore, new_id, utcnow
-from pipeline.errors import InsufficientCredits
+from pipeline.errors import PipelineError
 from pipeline.jobs import get_job
 from pipeline.pricing import PriceTable
 from pipeline.storage import object_key
@@ -41,13 +41,16 @@ def _job(engine, job_id):
 def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
     """Hold the estimate on the wallet. False when the job is already terminal.
 
-    Raises InsufficientCredits (after rolling back) when the wallet cannot cover it.
+    Raises InsufficientCredits or BudgetExceeded (after rolling back) when the wallet or
+    a budget cannot cover it.
     """
     with engine.begin() as conn:
         job = get_job(conn, job_id)
         if job.status in TERMINAL_STATUSES:
             return False
         wallet = ledger.wallet_for_company(conn, job.company_id)
+        if ledger.get_hold(conn, job.id) is None:
+            budgets.check(conn, job.company_id, job.user_id, job.api_key_id, job.estimated_cost)
         ledger.reserve(conn, wallet_id=wallet.id, job_id=job.id, amount=job.estimated_cost,
                        ttl_seconds=ttl_seconds)
         conn.execute(
@@ -232,7 +235,8 @@ def fail(engine, job_id, *, code: str, message: str, status: str = "failed") -> 
     return bool(changed)
 
 
-def fail_for_credits(engine, job_id, exc: InsufficientCredits) -> bool:
+def fail_for_credits(engine, job_id, exc: PipelineError) -> bool:
+    """The hold could not be taken (wallet or budget): fail with that error's code."""
     return fail(engine, job_id, code=exc.code, message=exc.message)
 
 

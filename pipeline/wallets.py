@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from pipeline import ledger
+from pipeline import budgets, ledger
 from pipeline.tables import credit_holds, transactions
 
 
@@ -20,6 +20,7 @@ def wallet_summary(conn, company_id) -> dict:
         "held": str(wallet.credits_held),
         "used": str(wallet.credits_used),
         "openHolds": open_holds,
+        "budgets": budgets.summaries(conn, company_id),
     }
 
 
@@ -56,3 +57,26 @@ def list_transactions(conn, company_id, *, limit: int = 50, before=None,
         }
         for r in rows
     ]
+
+
+def deposit(engine, company_id, amount, *, reference: str, reason: str = "") -> dict:
+    """An operator's deposit; the reference makes a retried request harmless."""
+    with engine.begin() as conn:
+        wallet = ledger.wallet_for_company(conn, company_id)
+        created = ledger.deposit(conn, wallet.id, amount, key=f"deposit:{company_id}:{reference}",
+                                 metadata={"reason": reason, "reference": reference})
+        summary = wallet_summary(conn, company_id)
+    return {"created": created, "wallet": summary}
+
+
+def refund(engine, company_id, job_id, amount, *, reference: str, reason: str = "") -> dict:
+    """An operator returns part or all of a completed job's charge (scoped to the company)."""
+    from pipeline.jobs import get_job
+
+    with engine.begin() as conn:
+        job = get_job(conn, job_id, company_id)
+        if amount is None:
+            amount = job.actual_cost or 0
+        created = ledger.refund_debit(conn, job.id, amount, reference=reference, reason=reason)
+        summary = wallet_summary(conn, company_id)
+    return {"created": created, "wallet": summary}

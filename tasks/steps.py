@@ -13,6 +13,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
 from pipeline import lifecycle
+from pipeline.budgets import BudgetExceeded
 from pipeline.errors import InsufficientCredits
 from pipeline.jobs import get_job
 from providers.base import GenerationRequest, Pending
@@ -69,7 +70,7 @@ def register(app) -> None:
         try:
             reserved = lifecycle.reserve(engine, job_id,
                                          ttl_seconds=self.runtime.settings.hold_timeout_seconds)
-        except InsufficientCredits as exc:
+        except (InsufficientCredits, BudgetExceeded) as exc:
             lifecycle.fail_for_credits(engine, job_id, exc)
             raise Ignore() from None
         if not reserved:

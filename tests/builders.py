@@ -64,9 +64,13 @@ def ledger_sums(engine, wallet_id) -> dict[str, Decimal]:
             .where(transactions.c.wallet_id == wallet_id)
         ).all()
     sums = {t: Decimal(0) for t in ("deposit", "reservation", "debit", "release", "refund",
-                                   "late_debit")}
+                                   "late_debit", "operator_refund")}
     for row in rows:
-        kind = "late_debit" if row.type == "debit" and row.metadata.get("late") else row.type
+        kind = row.type
+        if row.type == "debit" and row.metadata.get("late"):
+            kind = "late_debit"
+        elif row.type == "refund" and row.metadata.get("kind") == "operator":
+            kind = "operator_refund"
         sums[kind] += row.amount
     return sums
 
@@ -75,9 +79,10 @@ def assert_wallet_matches_ledger(engine, company_id) -> None:
     """Invariant 2: the wallet's balances are the sum of its transactions."""
     wallet = wallet_of(engine, company_id)
     s = ledger_sums(engine, wallet.id)
-    available = s["deposit"] - s["reservation"] + s["release"] + s["refund"] - s["late_debit"]
+    available = (s["deposit"] - s["reservation"] + s["release"] + s["refund"] - s["late_debit"]
+                 + s["operator_refund"])
     held = s["reservation"] - s["debit"] - s["release"] - s["refund"]
     assert wallet.credits_available == available
     assert wallet.credits_held == held
-    assert wallet.credits_used == s["debit"] + s["late_debit"]
+    assert wallet.credits_used == s["debit"] + s["late_debit"] - s["operator_refund"]
     assert wallet.credits_available >= 0
