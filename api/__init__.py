@@ -29,10 +29,11 @@ def create_app(runtime) -> Flask:
     )
     app.extensions["runtime"] = runtime
     api = Api(app)
-    from api import files, health, jobs, seed, wallet
+    from api import files, health, jobs, provider_keys, seed, wallet
 
     api.register_blueprint(jobs.blp)
     api.register_blueprint(wallet.blp)
+    api.register_blueprint(provider_keys.blp)
     app.register_blueprint(files.blp)
     app.register_blueprint(seed.blp)
     app.register_blueprint(health.blp)

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from api import schemas
 from api.auth import current_principal
+from api.idempotency import IDEMPOTENCY_KEY_DOC, idempotent
 from pipeline import jobs as jobs_uc
 from pipeline.errors import NotFound
 from pipeline.tables import jobs as jobs_table
@@ -27,7 +28,8 @@ def submit(req: jobs_uc.JobRequest) -> dict:
     """Write the job, then publish its chain: shared by /v1 and the seed endpoints."""
     rt = runtime()
     job = jobs_uc.submit_job(rt.engine, rt.registry, principal=current_principal(), req=req,
-                             max_prompt_length=rt.settings.max_prompt_length)
+                             max_prompt_length=rt.settings.max_prompt_length,
+                             routes=rt.settings.provider_env)
     queued = jobs_uc.dispatch(rt.engine, rt.publisher, job["id"],
                               rt.registry.queue_for(job["provider"]))
     job["status"] = "queued" if queued else "pending"
@@ -48,30 +50,49 @@ def load_job_view(job_id: str) -> dict:
     return jobs_uc.job_view(job, rt.storage, rt.settings.link_ttl_seconds)
 
 
+def _location(accepted: dict) -> dict:
+    return {"Location": url_for("jobs.JobById", job_id=accepted["jobId"])}
+
+
+def _replay_location(replay) -> dict:
+    return _location(replay.body) if replay.status == 202 else {}
+
+
 @blp.route("")
 class Jobs(MethodView):
     @blp.arguments(schemas.JobCreate)
     @blp.response(202, schemas.JobAccepted)
+    @blp.doc(parameters=[IDEMPOTENCY_KEY_DOC])
     @blp.alt_response(400, schema=schemas.ErrorEnvelope, description="Invalid request")
     @blp.alt_response(401, schema=schemas.ErrorEnvelope, description="Missing or bad API key")
     @blp.alt_response(402, schema=schemas.ErrorEnvelope,
                       description="INSUFFICIENT_CREDITS: the wallet cannot cover the estimate")
+    @blp.alt_response(409, schema=schemas.ErrorEnvelope,
+                      description="IDEMPOTENCY_IN_FLIGHT: a request with this key is running")
+    @blp.alt_response(422, schema=schemas.ErrorEnvelope,
+                      description="IDEMPOTENCY_KEY_REUSED: the key came with another body")
     def post(self, body):
         """Submit a generation job.
 
         The company and user come from the API key. The response carries the job id to
         poll and the estimated cost in credits, which is held on the wallet while the
         job runs; the actual cost (never above the estimate) is charged at the end.
+        Send an `Idempotency-Key` header to make retries safe: see its description.
         """
-        job = submit(jobs_uc.JobRequest(
+        req = jobs_uc.JobRequest(
             content_type=body["contentType"],
             prompt=body["prompt"],
             settings=body["settings"],
             provider=body.get("providerName") or body.get("provider"),
-        ))
-        headers = {"Location": url_for("jobs.JobById", job_id=str(job["id"]))}
-        return {"jobId": str(job["id"]), "status": job["status"],
-                "estimatedCost": str(job["estimated_cost"])}, 202, headers
+        )
+
+        def create():
+            job = submit(req)
+            accepted = {"jobId": str(job["id"]), "status": job["status"],
+                        "estimatedCost": str(job["estimated_cost"])}
+            return accepted, 202, _location(accepted)
+
+        return idempotent("POST /v1/jobs", body, create, replay_headers=_replay_location)
 
     @blp.arguments(schemas.JobListQuery, location="query")
     @blp.response(200, schemas.JobList)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from decimal import Decimal, InvalidOperation
 
 from pipeline.config import Settings
@@ -50,6 +51,13 @@ def _credits(value: str) -> Decimal:
     return amount
 
 
+def _uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an id: {value!r}") from None
+
+
 def cmd_db_init(args, settings):
     runtime = _runtime(settings)
     _ensure_db(runtime)
@@ -82,6 +90,55 @@ def cmd_wallet_show(args, settings):
     with runtime.engine.connect() as conn:
         data = wallet_summary(conn, args.company)
     _emit(args, data, [f"{k:10} {v}" for k, v in data.items()])
+
+
+def cmd_wallet_deposit(args, settings):
+    from pipeline.wallets import deposit
+
+    result = deposit(_runtime(settings).engine, args.company, args.amount,
+                     reference=args.reference, reason=args.reason)
+    wallet = result["wallet"]
+    _emit(args, result, [
+        "deposited" if result["created"] else "already deposited under this reference",
+        f"available {wallet['available']}  held {wallet['held']}  used {wallet['used']}",
+    ])
+
+
+def cmd_wallet_transactions(args, settings):
+    from pipeline.wallets import list_transactions
+
+    with _runtime(settings).engine.connect() as conn:
+        rows = list_transactions(conn, args.company, limit=args.limit, type_=args.type)
+    _emit(args, {"transactions": rows},
+          [f"{r['createdAt'][:19]}  {r['type']:12} {r['amount']:>14}  {r['key']}" for r in rows])
+
+
+def cmd_budget_set(args, settings):
+    from pipeline.budgets import set_budget
+
+    scope, subject = "company", ""
+    if args.user:
+        scope, subject = "user", args.user
+    elif args.api_key_id:
+        scope, subject = "api_key", args.api_key_id
+    data = set_budget(_runtime(settings).engine, args.company, period=args.period, cap=args.cap,
+                      scope=scope, subject=subject)
+    _emit(args, data, [f"{data['period']} cap of {data['cap']} credits for {scope} "
+                       f"{subject or args.company}"])
+
+
+def cmd_keys_rotate(args, settings):
+    from pipeline.provider_keys import ProviderKeyUnreadable, cipher, rotate
+
+    secrets = settings.provider_key_secrets
+    try:
+        count = rotate(_runtime(settings).engine, cipher(secrets))
+    except ProviderKeyUnreadable as exc:
+        sys.exit(f"rotation aborted, nothing changed: {exc.message} ({exc.details})")
+    _emit(args, {"rotated": count, "secrets": len(secrets)}, [
+        f"re-encrypted {count} provider keys with the newest of {len(secrets)} "
+        "PROVIDER_KEY_SECRETS entries; older entries can now be removed",
+    ])
 
 
 def cmd_sweep(args, settings):
@@ -165,10 +222,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--credits", type=_credits, default=Decimal(0))
 
+    _money_commands(sub, command)
+    _process_commands(sub, command)
+    return parser
+
+
+def _money_commands(sub, command) -> None:
     wallet = sub.add_parser("wallet", help="wallets").add_subparsers(dest="wallet", required=True)
     p = command("show", cmd_wallet_show, "a company's balances", wallet)
-    p.add_argument("company", help="company id")
+    p.add_argument("company", type=_uuid, help="company id")
 
+    p = command("deposit", cmd_wallet_deposit, "add credits (idempotent on --reference)", wallet)
+    p.add_argument("company", type=_uuid, help="company id")
+    p.add_argument("amount", type=_credits)
+    p.add_argument("--reference", required=True, help="your unique id for this deposit")
+    p.add_argument("--reason", default="")
+    p = command("transactions", cmd_wallet_transactions, "ledger entries, newest first", wallet)
+    p.add_argument("company", type=_uuid, help="company id")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--type", default=None)
+
+    budget = sub.add_parser("budget", help="spending caps").add_subparsers(dest="budget",
+                                                                          required=True)
+    p = command("set", cmd_budget_set, "set a daily or monthly cap", budget)
+    p.add_argument("company", type=_uuid, help="company id")
+    p.add_argument("--period", choices=("day", "month"), required=True)
+    p.add_argument("--cap", type=_credits, required=True)
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--user", type=_uuid, help="cap one user of the company")
+    who.add_argument("--api-key-id", type=_uuid, help="cap one API key of the company")
+
+    keys = sub.add_parser("keys", help="per-company provider keys").add_subparsers(
+        dest="keys", required=True)
+    command("rotate", cmd_keys_rotate,
+            "re-encrypt stored provider keys with the first PROVIDER_KEY_SECRETS entry", keys)
+
+
+
+def _process_commands(sub, command) -> None:
     command("sweep", cmd_sweep, "run one sweep now (beat runs it every few seconds)")
 
     p = command("worker", cmd_worker, "start a Celery worker")
@@ -192,12 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", cmd_demo, "start the stack, run one job of each type, check, stop")
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.errors import PipelineError
+
     args = build_parser().parse_args(argv)
-    args.func(args, Settings.from_env())
+    try:
+        args.func(args, Settings.from_env())
+    except PipelineError as exc:
+        if args.json:
+            print(json.dumps({"error": exc.message, "code": exc.code, "details": exc.details}))
+        else:
+            print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

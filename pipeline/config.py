@@ -115,7 +115,7 @@ class Settings:
             "provider_env": {
                 k: v
                 for k, v in env.items()
-                if k.endswith(("_API_KEY", "_BASE_URL")) or k.startswith("COMFY")
+                if k.endswith(("_API_KEY", "_BASE_URL")) or k.startswith(("COMFY", "ROUTE_"))
             },
         }
         values.update(overrides)

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from sqlalchemy import and_, select, update
 
-from pipeline import budgets, ledger
+from pipeline import budgets, ledger, routing
 from pipeline.db import new_id, utcnow
 from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
 from pipeline.pricing import PriceTable
@@ -58,15 +58,19 @@ def validate_request(req: JobRequest, max_prompt_length: int) -> None:
 
 
 def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
-               max_prompt_length: int) -> dict:
-    """Validate, price and write the job and its dispatch record in one transaction.
+               max_prompt_length: int, routes: dict[str, str] | None = None) -> dict:
+    """Validate, route, price and write the job and its dispatch record in one transaction.
+
+    `routes` is the provider order per content type (settings.provider_env's ROUTE_*).
 
     Refuses at once (InsufficientCredits) when the wallet plainly cannot cover the
     estimate; the binding hold is taken later by the chain's reserve step. Publishing
     is the caller's job, after this commit.
     """
     validate_request(req, max_prompt_length)
-    provider = registry.resolve(req.content_type, req.provider)
+    with engine.connect() as conn:
+        provider = routing.choose(conn, registry, routes or {}, principal.company_id,
+                                  content_type=req.content_type, requested=req.provider)
     usage = registry.estimate_usage(provider, req.content_type, req.prompt, req.settings)
     with engine.begin() as conn:
         estimate = PriceTable.from_db(conn).cost(provider, req.content_type, usage)

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, func, or_, select, update
 
 from pipeline import budgets, ledger
 from pipeline.db import insert_ignore, new_id, utcnow
@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.jobs import get_job
 from pipeline.pricing import PriceTable
 from pipeline.storage import object_key
-from pipeline.tables import TERMINAL_STATUSES, api_usage, jobs, media_assets
+from pipeline.tables import TERMINAL_STATUSES, api_usage, job_attempts, jobs, media_assets
 
 PREVIEW_CHARS = 200
 
@@ -30,7 +30,8 @@ class Claim:
 
     action: str  # "run" | "skip" (terminal or done) | "busy" (another worker holds it)
     remote_id: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # provider starts for this job, every provider together
+    on_provider: int = 0  # starts on the job's current provider (fallback starts anew)
 
 
 def _job(engine, job_id):
@@ -98,7 +99,41 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim:
         ).rowcount
         if not taken:
             return Claim("busy")
-        return Claim("run", job.remote_id, job.attempts + (1 if fresh_start else 0))
+        attempts = job.attempts + (1 if fresh_start else 0)
+        if fresh_start:
+            insert_ignore(conn, job_attempts, {"id": new_id(), "job_id": job.id,
+                                               "number": attempts, "provider": job.provider},
+                          ["job_id", "number"])
+        on_provider = conn.execute(
+            select(func.count()).select_from(job_attempts)
+            .where(job_attempts.c.job_id == job.id, job_attempts.c.provider == job.provider)
+        ).scalar_one()
+        return Claim("run", job.remote_id, attempts, on_provider)
+
+
+def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str | None = None,
+                   error: str | None = None, remote_id: str | None = None) -> None:
+    """Record how one provider attempt ended (succeeded, transient, rejected, ...)."""
+    values = {"outcome": outcome, "error_code": error_code,
+              "error": error[:1000] if error else None, "finished_at": utcnow()}
+    if remote_id is not None:
+        values["remote_id"] = remote_id
+    with engine.begin() as conn:
+        conn.execute(update(job_attempts)
+                     .where(job_attempts.c.job_id == job_id, job_attempts.c.number == number)
+                     .values(**values))
+
+
+def switch_provider(engine, job_id, *, from_provider: str, to_provider: str) -> bool:
+    """Move a job to its fallback provider: compare-and-set, so only one delivery does it."""
+    with engine.begin() as conn:
+        return bool(conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.provider == from_provider,
+                   jobs.c.status == "processing", jobs.c.output_key.is_(None))
+            .values(provider=to_provider, remote_id=None, heartbeat_at=None,
+                    updated_at=utcnow())
+        ).rowcount)
 
 
 def release_claim(engine, job_id, *, remote_id: str | None = None) -> None:

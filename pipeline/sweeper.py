@@ -11,8 +11,8 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select
 
+from pipeline import idempotency, ledger, lifecycle
 from pipeline import jobs as jobs_uc
-from pipeline import ledger, lifecycle
 from pipeline.db import utcnow
 from pipeline.tables import TERMINAL_STATUSES, credit_holds, job_dispatches, jobs
 
@@ -116,4 +116,5 @@ def sweep(runtime, *, batch: int = 100) -> dict[str, int]:
                                   stale_seconds=settings.stale_after_seconds, batch=batch),
         "expired": expire_holds(runtime.engine, batch=batch),
         "holds_closed": close_leftover_holds(runtime.engine, batch=batch),
+        "idempotency_keys_purged": idempotency.purge_expired(runtime.engine, batch=1000),
     }

@@ -1,4 +1,4 @@
-"""Which providers exist, which queue each runs on, and which one serves a request."""
+"""Which providers exist, how each is built from the settings, and which queue it runs on."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from providers.base import Provider
 from providers.errors import RejectedError
 
 ENTRY_POINT_GROUP = "content_pipeline.providers"
-
-# Default order when a client names no provider: local first so a bare install works.
-DEFAULT_ORDER = ("local", "openai", "stability", "elevenlabs", "runway", "heygen", "comfyui")
+# Providers that only work with an API key (the platform's or the company's own).
+KEYED = frozenset({"openai", "stability", "elevenlabs", "runway", "heygen"})
 
 
 def queue_for(name: str) -> str:
@@ -24,10 +23,12 @@ def queue_for(name: str) -> str:
 
 
 class Registry:
-    """Holds the configured providers by name."""
+    """The providers this deployment knows, by name, and which need no company key."""
 
-    def __init__(self, providers: dict[str, Provider] | None = None):
+    def __init__(self, providers: dict[str, Provider] | None = None,
+                 platform_keys: frozenset[str] = frozenset()):
         self._providers: dict[str, Provider] = dict(providers or {})
+        self._platform_keys = set(platform_keys)
 
     def add(self, provider: Provider) -> None:
         self._providers[provider.name] = provider
@@ -40,29 +41,14 @@ class Registry:
             return self._providers[name]
         except KeyError:
             raise ValidationFailed(
-                f"Unknown or unconfigured provider '{name}'.",
+                f"Unknown provider '{name}'.",
                 details={"field": "provider", "available": self.names()},
             ) from None
 
-    def resolve(self, content_type: str, requested: str | None) -> str:
-        """The provider name for a request: the one asked for, or the first that fits."""
-        if requested:
-            provider = self.get(requested)
-            if content_type not in provider.content_types:
-                raise ValidationFailed(
-                    f"Provider '{requested}' does not generate {content_type}.",
-                    details={"field": "provider", "contentType": content_type},
-                )
-            return requested
-        ordered = sorted(
-            self._providers.values(),
-            key=lambda p: DEFAULT_ORDER.index(p.name) if p.name in DEFAULT_ORDER else 99,
-        )
-        for provider in ordered:
-            if content_type in provider.content_types:
-                return provider.name
-        raise ValidationFailed(f"No configured provider generates {content_type}.",
-                               details={"field": "contentType"})
+    def platform_configured(self) -> set[str]:
+        """Usable by every company: keyless providers and those with a platform key."""
+        return {name for name in self._providers
+                if name not in KEYED or name in self._platform_keys}
 
     def estimate_usage(self, name: str, content_type: str, prompt: str, settings: dict) -> dict:
         """The provider's upper bound on usage; its refusal of the settings is a 400."""
@@ -75,11 +61,32 @@ class Registry:
 
 
 def build_registry(settings) -> Registry:
-    """Every provider this deployment can use: built-in, configured SaaS, and plug-ins."""
-    from providers.local import LocalProvider
+    """Every provider this deployment can use: built-in, SaaS, ComfyUI, and plug-ins.
 
-    registry = Registry({"local": LocalProvider()})
+    SaaS adapters are always built (a company may bring its own key); base URLs come
+    from <NAME>_BASE_URL, so any compatible server (an OpenAI-compatible vLLM or
+    Ollama, a fake in tests) can stand in.
+    """
+    from providers.elevenlabs import ElevenLabsProvider
+    from providers.heygen import HeyGenProvider
+    from providers.local import LocalProvider
+    from providers.openai import OpenAIProvider
+    from providers.runway import RunwayProvider
+    from providers.stability import StabilityProvider
+
+    env = settings.provider_env
+    providers: dict[str, Provider] = {"local": LocalProvider()}
+    for name, cls in (("openai", OpenAIProvider), ("stability", StabilityProvider),
+                      ("elevenlabs", ElevenLabsProvider), ("runway", RunwayProvider),
+                      ("heygen", HeyGenProvider)):
+        base_url = env.get(f"{name.upper()}_BASE_URL")
+        providers[name] = cls(base_url=base_url) if base_url else cls()
+    comfy_urls = [u.strip() for u in env.get("COMFY_WORKER_URL", "").split(",") if u.strip()]
+    if comfy_urls:
+        from providers.comfyui import ComfyUIProvider
+
+        providers["comfyui"] = ComfyUIProvider(comfy_urls)
+    registry = Registry(providers, frozenset(n for n in KEYED if env.get(f"{n.upper()}_API_KEY")))
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        factory = entry.load()
-        registry.add(factory(settings))
+        registry.add(entry.load()(settings))
     return registry

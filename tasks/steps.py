@@ -12,18 +12,23 @@ import random
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
-from pipeline import lifecycle
+from pipeline import circuits, ledger, lifecycle, provider_keys, routing
 from pipeline.budgets import BudgetExceeded
-from pipeline.errors import InsufficientCredits
+from pipeline.errors import InsufficientCredits, PipelineError
 from pipeline.jobs import get_job
+from pipeline.pricing import PriceTable
 from providers.base import GenerationRequest, Pending
 from providers.errors import ProviderError, TransientError
+from providers.registry import KEYED
 from tasks import names
 from tasks.base import JobTask
 
 log = logging.getLogger("pipeline.tasks")
 
 POLL_SECONDS = 3.0
+# Provider errors that need an operator (top up the account, fix the key), not a retry.
+OPERATOR_CODES = frozenset({"PROVIDER_QUOTA_EXHAUSTED", "PROVIDER_AUTH_FAILED",
+                            "PROVIDER_KEY_UNREADABLE", "PROVIDER_NOT_CONFIGURED"})
 MAX_BACKOFF_SECONDS = 120.0
 
 
@@ -36,16 +41,22 @@ def backoff(retries: int, retry_after: float | None) -> float:
 
 
 def credentials_for(runtime, job) -> dict[str, str]:
-    """The secret for a job's provider: never logged, never stored on the job."""
-    key = runtime.settings.provider_env.get(f"{job.provider.upper()}_API_KEY")
+    """The secret for a job's provider: the company's own key first, else the platform's.
+
+    Never logged, never stored on the job, never sent through the broker.
+    """
+    key = None
+    if job.provider in KEYED:
+        key = provider_keys.lookup(runtime.engine,
+                                   provider_keys.cipher(runtime.settings.provider_key_secrets),
+                                   job.company_id, job.provider)
+    key = key or runtime.settings.provider_env.get(f"{job.provider.upper()}_API_KEY")
     return {"api_key": key} if key else {}
 
 
-def run_provider(runtime, job_id, remote_id: str | None):
-    """Start (or poll) the provider; a finished output goes straight to storage."""
+def load_request(runtime, job_id):
     with runtime.engine.connect() as conn:
         job = get_job(conn, job_id)
-    provider = runtime.registry.get(job.provider)
     request = GenerationRequest(
         job_id=str(job.id),
         content_type=job.content_type,
@@ -53,11 +64,79 @@ def run_provider(runtime, job_id, remote_id: str | None):
         settings=dict(job.settings or {}),
         credentials=credentials_for(runtime, job),
     )
+    return job, runtime.registry.get(job.provider), request
+
+
+def run_provider(runtime, job_id, remote_id: str | None):
+    """Start (or poll) the provider; a finished output goes straight to storage."""
+    _job, provider, request = load_request(runtime, job_id)
     outcome = provider.check(request, remote_id) if remote_id else provider.start(request)
     if isinstance(outcome, Pending):
         return outcome
     lifecycle.save_output(runtime.engine, runtime.storage, job_id, outcome)
     return None
+
+
+def cancel_remote(runtime, job_id, remote_id: str | None) -> None:
+    """Best effort: stop the provider's work for a job we gave up on."""
+    if not remote_id:
+        return
+    try:
+        _job, provider, request = load_request(runtime, job_id)
+        provider.cancel(request, remote_id)
+    except ProviderError as exc:
+        log.warning("job %s: could not cancel remote work: %s", job_id, exc.message)
+
+
+def try_fallback(runtime, job_id) -> str | None:
+    """Move the job to the next provider in its route that fits the hold; its queue, or None."""
+    with runtime.engine.connect() as conn:
+        job = get_job(conn, job_id)
+        hold = ledger.get_hold(conn, job_id)
+        if hold is None:
+            return None
+        target = routing.fallback(conn, runtime.registry, runtime.settings.provider_env, job,
+                                  hold_amount=hold.amount, prices=PriceTable.from_db(conn))
+    if target and lifecycle.switch_provider(runtime.engine, job_id, from_provider=job.provider,
+                                            to_provider=target):
+        log.warning("job %s: falling back from %s to %s", job_id, job.provider, target)
+        return runtime.registry.queue_for(target)
+    return None
+
+
+def fail_refused(rt, job, claim, exc) -> None:
+    """Rejected input, content filtered, quota, auth, an unreadable company key:
+    retrying cannot help. Quota and auth are the operators' to fix, so they log as errors.
+    """
+    level = logging.ERROR if exc.code in OPERATOR_CODES else logging.INFO
+    log.log(level, "job %s: %s refused it: %s", job.id, job.provider, exc.code)
+    lifecycle.finish_attempt(rt.engine, job.id, claim.attempts, outcome="failed",
+                             error_code=exc.code, error=exc.message)
+    lifecycle.fail(rt.engine, job.id, code=exc.code, message=exc.message)
+
+
+def handle_transient(task, job, claim, message: str, retry_after: float | None):
+    """Retry later on the same provider, fall back to the next one, or give up."""
+    rt = task.runtime
+    lifecycle.finish_attempt(rt.engine, job.id, claim.attempts, outcome="transient",
+                             error_code="PROVIDER_UNAVAILABLE", error=message)
+    lifecycle.release_claim(rt.engine, job.id)
+    exhausted = claim.on_provider >= rt.settings.max_attempts
+    with rt.engine.connect() as conn:
+        cooling = job.provider in circuits.open_providers(conn)
+    if exhausted or cooling:
+        queue = try_fallback(rt, job.id)
+        if queue:
+            raise task.retry(countdown=0, queue=queue, routing_key=queue,
+                             max_retries=rt.settings.max_attempts + 5)
+    if exhausted:
+        lifecycle.fail(rt.engine, job.id, code="PROVIDER_UNAVAILABLE",
+                       message=f"{message} (gave up after {claim.attempts} tries)")
+        raise Ignore()
+    log.warning("job %s: transient provider error (%s), retrying", job.id, message)
+    raise task.retry(countdown=backoff(task.request.retries, retry_after),
+                     max_retries=rt.settings.max_attempts + 5)
+
 
 
 def register(app) -> None:
@@ -76,8 +155,8 @@ def register(app) -> None:
         if not reserved:
             raise Ignore()
 
-    @app.task(name=names.GENERATE, shared=False, base=JobTask, bind=True, soft_time_limit=300,
-              time_limit=330, **retry_db)
+    @app.task(name=names.GENERATE, shared=False, base=JobTask, bind=True,
+              soft_time_limit=300, time_limit=330, **retry_db)
     def generate(self, job_id):
         rt = self.runtime
         claim = lifecycle.claim_generation(rt.engine, job_id,
@@ -86,25 +165,28 @@ def register(app) -> None:
             return  # done by an earlier delivery: store and settle find their work
         if claim.action == "busy":
             raise Ignore()  # alive in another worker; the sweeper re-drives it if that dies
-        if claim.attempts > rt.settings.max_attempts:
+        if claim.on_provider > rt.settings.max_attempts:
+            # Redeliveries count too (a worker killed mid-call): Celery has no such cap.
             lifecycle.fail(rt.engine, job_id, code="TOO_MANY_ATTEMPTS",
-                           message=f"Gave up after {claim.attempts - 1} attempts.")
+                           message=f"Gave up after {claim.on_provider - 1} attempts.")
             raise Ignore()
+        job, _provider, _request = load_request(rt, job_id)
+        with rt.engine.connect() as conn:
+            cooling = job.provider in circuits.open_providers(conn)
+        if cooling and not claim.remote_id:
+            handle_transient(self, job, claim, f"{job.provider} is cooling down", None)
         try:
             pending = run_provider(rt, job_id, claim.remote_id)
         except TransientError as exc:
-            lifecycle.release_claim(rt.engine, job_id)
-            if self.request.retries >= rt.settings.max_attempts:
-                lifecycle.fail(rt.engine, job_id, code=exc.code,
-                               message=f"{exc.message} (gave up after {claim.attempts} tries)")
-                raise Ignore() from None
-            log.warning("job %s: transient provider error (%s), retrying", job_id, exc.message)
-            raise self.retry(countdown=backoff(self.request.retries, exc.retry_after),
-                             max_retries=rt.settings.max_attempts) from None
-        except ProviderError as exc:
-            lifecycle.fail(rt.engine, job_id, code=exc.code, message=exc.message)
+            if circuits.record_failure(rt.engine, job.provider):
+                log.error("circuit opened for provider %s", job.provider)
+            handle_transient(self, job, claim, exc.message, exc.retry_after)
+        except (ProviderError, PipelineError) as exc:
+            fail_refused(rt, job, claim, exc)
             raise Ignore() from None
         except SoftTimeLimitExceeded:
+            cancel_remote(rt, job_id, claim.remote_id)
+            lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="timeout")
             lifecycle.fail(rt.engine, job_id, code="PROVIDER_TIMEOUT",
                            message="The provider took longer than the step's time limit.")
             raise Ignore() from None
@@ -113,6 +195,8 @@ def register(app) -> None:
             # worker polls the same remote job instead of submitting a new one.
             lifecycle.release_claim(rt.engine, job_id, remote_id=pending.remote_id)
             raise self.retry(countdown=POLL_SECONDS, max_retries=None)
+        circuits.record_success(rt.engine, job.provider)
+        lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="succeeded")
 
     @app.task(name=names.STORE, shared=False, base=JobTask, bind=True, **retry_db)
     def store(self, job_id):

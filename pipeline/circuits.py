@@ -1,0 +1,68 @@
+"""Per-provider circuit breakers, shared by every worker through the database.
+
+After `threshold` consecutive transient failures a provider is skipped for `cooldown`
+seconds; the first success closes it again. Routing avoids open circuits, and the
+generate step falls back to the next provider when the one it has is open.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from pipeline.db import insert_ignore, utcnow
+from pipeline.tables import provider_circuits
+
+THRESHOLD = 5
+COOLDOWN_SECONDS = 30
+
+
+def open_providers(conn) -> set[str]:
+    now = utcnow()
+    return set(conn.execute(
+        select(provider_circuits.c.provider).where(provider_circuits.c.opened_until > now)
+    ).scalars())
+
+
+def record_failure(engine, provider: str, *, threshold: int = THRESHOLD,
+                   cooldown: int = COOLDOWN_SECONDS) -> bool:
+    """Count a transient failure; True when this one opened the circuit."""
+    now = utcnow()
+    with engine.begin() as conn:
+        insert_ignore(conn, provider_circuits, {"provider": provider}, ["provider"])
+        row = conn.execute(
+            update(provider_circuits)
+            .where(provider_circuits.c.provider == provider)
+            .values(consecutive_failures=provider_circuits.c.consecutive_failures + 1,
+                    updated_at=now)
+            .returning(provider_circuits.c.consecutive_failures,
+                       provider_circuits.c.opened_until)
+        ).one()
+        if row.consecutive_failures >= threshold and not (
+            row.opened_until and _aware(row.opened_until) > now
+        ):
+            conn.execute(
+                update(provider_circuits)
+                .where(provider_circuits.c.provider == provider)
+                .values(opened_until=now + timedelta(seconds=cooldown),
+                        consecutive_failures=0)
+            )
+            return True
+    return False
+
+
+def record_success(engine, provider: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(provider_circuits)
+            .where(provider_circuits.c.provider == provider,
+                   provider_circuits.c.consecutive_failures > 0)
+            .values(consecutive_failures=0, updated_at=utcnow())
+        )
+
+
+def _aware(value):
+    from datetime import UTC
+
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
