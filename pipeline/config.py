@@ -72,6 +72,8 @@ class Settings:
     sweep_interval_seconds: float = 5.0
     max_attempts: int = 3
     publish_timeout_seconds: float = 2.0
+    # How often an asynchronous provider's remote job is polled.
+    poll_interval_seconds: float = 3.0
     provider_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -112,6 +114,7 @@ class Settings:
             "sweep_interval_seconds": number("SWEEP_INTERVAL_SECONDS", 5.0, float),
             "max_attempts": number("MAX_ATTEMPTS", 3),
             "publish_timeout_seconds": number("PUBLISH_TIMEOUT_SECONDS", 2.0, float),
+            "poll_interval_seconds": number("POLL_INTERVAL_SECONDS", 3.0, float),
             "provider_env": {
                 k: v
                 for k, v in env.items()

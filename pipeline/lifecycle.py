@@ -124,6 +124,16 @@ def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str
                      .values(**values))
 
 
+def heartbeat(engine, job_id, *, remote_id: str | None = None) -> None:
+    """A sign of life from a step that holds the job (and the remote id, once known)."""
+    values = {"heartbeat_at": utcnow(), "updated_at": utcnow()}
+    if remote_id is not None:
+        values["remote_id"] = remote_id
+    with engine.begin() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing")
+                     .values(**values))
+
+
 def switch_provider(engine, job_id, *, from_provider: str, to_provider: str) -> bool:
     """Move a job to its fallback provider: compare-and-set, so only one delivery does it."""
     with engine.begin() as conn:

@@ -48,6 +48,8 @@ def create_celery(settings: Settings) -> Celery:
         "sweep": {"task": names.SWEEP, "schedule": settings.sweep_interval_seconds,
                   "options": {"queue": names.MAINTENANCE_QUEUE, "expires": 60}},
     }
+    # Beat keeps its last-run times here; the folder may not exist on a fresh machine.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     app.conf.beat_schedule_filename = str(settings.data_dir / "celerybeat-schedule")
     if settings.broker_url.startswith("filesystem"):
         # The filesystem transport has no broadcast, so remote control cannot work there.

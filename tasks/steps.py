@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
@@ -25,7 +26,8 @@ from tasks.base import JobTask
 
 log = logging.getLogger("pipeline.tasks")
 
-POLL_SECONDS = 3.0
+# Providers polled inside the task, keeping the worker slot: the slot is the GPU.
+SLOT_HOLDING = frozenset({"comfyui"})
 # Provider errors that need an operator (top up the account, fix the key), not a retry.
 OPERATOR_CODES = frozenset({"PROVIDER_QUOTA_EXHAUSTED", "PROVIDER_AUTH_FAILED",
                             "PROVIDER_KEY_UNREADABLE", "PROVIDER_NOT_CONFIGURED"})
@@ -68,9 +70,18 @@ def load_request(runtime, job_id):
 
 
 def run_provider(runtime, job_id, remote_id: str | None):
-    """Start (or poll) the provider; a finished output goes straight to storage."""
+    """Start (or poll) the provider; a finished output goes straight to storage.
+
+    SaaS providers that answer Pending hand the job back (the task polls later, holding
+    no worker slot). GPU providers are polled here: on the gpu queue the worker slot
+    stands for the GPU, so one slot per instance keeps each instance to one job.
+    """
     _job, provider, request = load_request(runtime, job_id)
     outcome = provider.check(request, remote_id) if remote_id else provider.start(request)
+    while isinstance(outcome, Pending) and provider.name in SLOT_HOLDING:
+        lifecycle.heartbeat(runtime.engine, job_id, remote_id=outcome.remote_id)
+        time.sleep(runtime.settings.poll_interval_seconds)
+        outcome = provider.check(request, outcome.remote_id)
     if isinstance(outcome, Pending):
         return outcome
     lifecycle.save_output(runtime.engine, runtime.storage, job_id, outcome)
@@ -194,7 +205,7 @@ def register(app) -> None:
             # The remote id is saved before anything else can fail, so a restarted
             # worker polls the same remote job instead of submitting a new one.
             lifecycle.release_claim(rt.engine, job_id, remote_id=pending.remote_id)
-            raise self.retry(countdown=POLL_SECONDS, max_retries=None)
+            raise self.retry(countdown=rt.settings.poll_interval_seconds, max_retries=None)
         circuits.record_success(rt.engine, job.provider)
         lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="succeeded")
 
