@@ -89,7 +89,7 @@ def stack(pg_database, redis_prefix, fakes, tmp_path):
     rt.engine.dispose()
 
 
-def _submit(client, company, content_type, provider=None, settings=None, prompt="a calm sea"):
+def _submit(client, company, content_type, provider=None, settings=None, *, prompt="a calm sea"):
     body = {"contentType": content_type, "prompt": prompt, "settings": settings or {}}
     if provider:
         body["provider"] = provider
