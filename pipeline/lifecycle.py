@@ -8,6 +8,7 @@ No transaction is held open across a provider call or a storage upload.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,6 +23,8 @@ from pipeline.storage import object_key
 from pipeline.tables import TERMINAL_STATUSES, api_usage, job_attempts, jobs, media_assets
 
 PREVIEW_CHARS = 200
+
+log = logging.getLogger("pipeline.lifecycle")
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,11 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim:
     now = utcnow()
     with engine.begin() as conn:
         job = get_job(conn, job_id)
-        if job.status in TERMINAL_STATUSES or job.output_key is not None:
+        if job.output_key is not None:
             return Claim("skip")
+        if job.status in TERMINAL_STATUSES:
+            # A remote job still running for a job we ended is the caller's to cancel.
+            return Claim("skip", job.remote_id)
         fresh_start = job.remote_id is None
         taken = conn.execute(
             update(jobs)
@@ -178,10 +184,24 @@ def save_output(engine, storage, job_id, output) -> str:
     return key
 
 
+def arrived_late(job) -> bool:
+    """The provider finished after the sweeper voided the job's expired hold.
+
+    Such a result is not thrown away: it is stored and charged straight from the
+    wallet (never through a revived hold), and the job completes after all.
+    """
+    return job.status == "failed" and job.error_code == "HOLD_EXPIRED" \
+        and job.output_key is not None
+
+
+def _live(job) -> bool:
+    return job.status not in TERMINAL_STATUSES or arrived_late(job)
+
+
 def store(engine, storage, job_id) -> bool:
     """Register the stored output as a media asset with its preview. False if done already."""
     job = _job(engine, job_id)
-    if job.stored_at is not None or job.status in TERMINAL_STATUSES:
+    if job.stored_at is not None or not _live(job):
         return False
     if job.output_key is None:
         raise RuntimeError(f"job {job_id} reached store without an output")
@@ -225,7 +245,7 @@ def settle(engine, job_id) -> bool:
     """Debit the actual cost, release the rest, complete the job: one transaction."""
     with engine.begin() as conn:
         job = get_job(conn, job_id)
-        if job.status in TERMINAL_STATUSES:
+        if not _live(job):
             return False
         if job.stored_at is None:
             raise RuntimeError(f"job {job_id} reached settle before store")
@@ -234,16 +254,23 @@ def settle(engine, job_id) -> bool:
         now = utcnow()
         completed = conn.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status == "processing")
-            .values(status="completed", settled_at=now, completed_at=now, updated_at=now)
+            .where(jobs.c.id == job_id, jobs.c.status == job.status,
+                   jobs.c.settled_at.is_(None))
+            .values(status="completed", settled_at=now, completed_at=now, updated_at=now,
+                    error=None, error_code=None)
         ).rowcount
         if not completed:
             return False
         debited = ledger.settle(conn, job_id, cost)
+        usage_note = {"estimatedCost": str(job.estimated_cost)}
         if debited is None:
             # The hold was voided (it expired) before the result came: charge what the
             # wallet allows now, never a revived hold; record any shortfall.
             debited = ledger.charge_late(conn, job.company_id, job_id, cost)
+            usage_note.update(late=True, shortfall=str(cost - debited))
+            if debited < cost:
+                log.warning("job %s: late result charged %s of %s (wallet short)", job_id,
+                            debited, cost)
         conn.execute(update(jobs).where(jobs.c.id == job_id).values(actual_cost=debited))
         insert_ignore(
             conn,
@@ -256,7 +283,7 @@ def settle(engine, job_id) -> bool:
                 "content_type": job.content_type,
                 "usage": usage,
                 "cost": debited,
-                "metadata": {"estimatedCost": str(job.estimated_cost)},
+                "metadata": usage_note,
             },
             ["job_id"],
         )

@@ -150,6 +150,50 @@ def handle_transient(task, job, claim, message: str, retry_after: float | None):
 
 
 
+def run_generate(task, job_id) -> None:
+    """The generate step: claim, call the provider, then retry, fall back or finish."""
+    rt = task.runtime
+    claim = lifecycle.claim_generation(rt.engine, job_id,
+                                       stale_after=rt.settings.stale_after_seconds)
+    if claim.action == "skip":
+        cancel_remote(rt, job_id, claim.remote_id)  # the job ended while it ran remotely
+        return  # or done by an earlier delivery: store and settle find their work
+    if claim.action == "busy":
+        raise Ignore()  # alive in another worker; the sweeper re-drives it if that dies
+    if claim.on_provider > rt.settings.max_attempts:
+        # Redeliveries count too (a worker killed mid-call): Celery has no such cap.
+        lifecycle.fail(rt.engine, job_id, code="TOO_MANY_ATTEMPTS",
+                       message=f"Gave up after {claim.on_provider - 1} attempts.")
+        raise Ignore()
+    job, _provider, _request = load_request(rt, job_id)
+    with rt.engine.connect() as conn:
+        cooling = job.provider in circuits.open_providers(conn)
+    if cooling and not claim.remote_id:
+        handle_transient(task, job, claim, f"{job.provider} is cooling down", None)
+    try:
+        pending = run_provider(rt, job_id, claim.remote_id)
+    except TransientError as exc:
+        if circuits.record_failure(rt.engine, job.provider):
+            log.error("circuit opened for provider %s", job.provider)
+        handle_transient(task, job, claim, exc.message, exc.retry_after)
+    except (ProviderError, PipelineError) as exc:
+        fail_refused(rt, job, claim, exc)
+        raise Ignore() from None
+    except SoftTimeLimitExceeded:
+        cancel_remote(rt, job_id, claim.remote_id)
+        lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="timeout")
+        lifecycle.fail(rt.engine, job_id, code="PROVIDER_TIMEOUT",
+                       message="The provider took longer than the step's time limit.")
+        raise Ignore() from None
+    if pending is not None:
+        # The remote id is saved before anything else can fail, so a restarted
+        # worker polls the same remote job instead of submitting a new one.
+        lifecycle.release_claim(rt.engine, job_id, remote_id=pending.remote_id)
+        raise task.retry(countdown=rt.settings.poll_interval_seconds, max_retries=None)
+    circuits.record_success(rt.engine, job.provider)
+    lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="succeeded")
+
+
 def register(app) -> None:
     retry_db = {"autoretry_for": (OperationalError,), "retry_backoff": True,
                 "retry_jitter": True}
@@ -169,45 +213,7 @@ def register(app) -> None:
     @app.task(name=names.GENERATE, shared=False, base=JobTask, bind=True,
               soft_time_limit=300, time_limit=330, **retry_db)
     def generate(self, job_id):
-        rt = self.runtime
-        claim = lifecycle.claim_generation(rt.engine, job_id,
-                                           stale_after=rt.settings.stale_after_seconds)
-        if claim.action == "skip":
-            return  # done by an earlier delivery: store and settle find their work
-        if claim.action == "busy":
-            raise Ignore()  # alive in another worker; the sweeper re-drives it if that dies
-        if claim.on_provider > rt.settings.max_attempts:
-            # Redeliveries count too (a worker killed mid-call): Celery has no such cap.
-            lifecycle.fail(rt.engine, job_id, code="TOO_MANY_ATTEMPTS",
-                           message=f"Gave up after {claim.on_provider - 1} attempts.")
-            raise Ignore()
-        job, _provider, _request = load_request(rt, job_id)
-        with rt.engine.connect() as conn:
-            cooling = job.provider in circuits.open_providers(conn)
-        if cooling and not claim.remote_id:
-            handle_transient(self, job, claim, f"{job.provider} is cooling down", None)
-        try:
-            pending = run_provider(rt, job_id, claim.remote_id)
-        except TransientError as exc:
-            if circuits.record_failure(rt.engine, job.provider):
-                log.error("circuit opened for provider %s", job.provider)
-            handle_transient(self, job, claim, exc.message, exc.retry_after)
-        except (ProviderError, PipelineError) as exc:
-            fail_refused(rt, job, claim, exc)
-            raise Ignore() from None
-        except SoftTimeLimitExceeded:
-            cancel_remote(rt, job_id, claim.remote_id)
-            lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="timeout")
-            lifecycle.fail(rt.engine, job_id, code="PROVIDER_TIMEOUT",
-                           message="The provider took longer than the step's time limit.")
-            raise Ignore() from None
-        if pending is not None:
-            # The remote id is saved before anything else can fail, so a restarted
-            # worker polls the same remote job instead of submitting a new one.
-            lifecycle.release_claim(rt.engine, job_id, remote_id=pending.remote_id)
-            raise self.retry(countdown=rt.settings.poll_interval_seconds, max_retries=None)
-        circuits.record_success(rt.engine, job.provider)
-        lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="succeeded")
+        run_generate(self, job_id)
 
     @app.task(name=names.STORE, shared=False, base=JobTask, bind=True, **retry_db)
     def store(self, job_id):
