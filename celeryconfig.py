@@ -52,6 +52,8 @@ task_routes = {
     names.SETTLE: {"queue": names.PIPELINE_QUEUE, "routing_key": names.PIPELINE_QUEUE},
     names.FAIL_AND_REFUND: {"queue": names.PIPELINE_QUEUE, "routing_key": names.PIPELINE_QUEUE},
     names.SWEEP: {"queue": names.MAINTENANCE_QUEUE, "routing_key": names.MAINTENANCE_QUEUE},
+    names.LEDGER_AUDIT: {"queue": names.MAINTENANCE_QUEUE,
+                         "routing_key": names.MAINTENANCE_QUEUE},
 }
 
 # Redis: a message not acknowledged within this window is handed to another worker.

@@ -29,7 +29,7 @@ def create_app(runtime) -> Flask:
     )
     app.extensions["runtime"] = runtime
     api = Api(app)
-    from api import files, health, jobs, provider_keys, seed, wallet
+    from api import files, health, jobs, metrics, provider_keys, seed, wallet
 
     api.register_blueprint(jobs.blp)
     api.register_blueprint(wallet.blp)
@@ -37,5 +37,6 @@ def create_app(runtime) -> Flask:
     app.register_blueprint(files.blp)
     app.register_blueprint(seed.blp)
     app.register_blueprint(health.blp)
+    app.register_blueprint(metrics.blp)
     register_error_handlers(app)
     return app

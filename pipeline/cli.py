@@ -141,6 +141,20 @@ def cmd_keys_rotate(args, settings):
     ])
 
 
+def cmd_ledger_audit(args, settings):
+    from pipeline.audit import audit, summary
+
+    findings = audit(_runtime(settings).engine)
+    data = {"clean": not findings, "summary": summary(findings),
+            "findings": [f.__dict__ for f in findings]}
+    lines = [f"{f.check:28} {f.subject}  {f.message}" for f in findings]
+    lines.append("ledger clean: every invariant holds" if not findings
+                 else f"{len(findings)} finding(s)")
+    _emit(args, data, lines)
+    if findings:
+        sys.exit(2)
+
+
 def cmd_sweep(args, settings):
     from pipeline.sweeper import sweep
 
@@ -261,6 +275,10 @@ def _money_commands(sub, command) -> None:
 
 def _process_commands(sub, command) -> None:
     command("sweep", cmd_sweep, "run one sweep now (beat runs it every few seconds)")
+    ledger = sub.add_parser("ledger", help="the credit ledger").add_subparsers(dest="ledger",
+                                                                              required=True)
+    command("audit", cmd_ledger_audit,
+            "check every ledger invariant; exits 2 when anything is found", ledger)
 
     p = command("worker", cmd_worker, "start a Celery worker")
     p.add_argument("--queues", default="all",

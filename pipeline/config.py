@@ -70,6 +70,7 @@ class Settings:
     # Jobs left pending longer than this are re-published by the sweeper (outbox relay).
     dispatch_grace_seconds: int = 5
     sweep_interval_seconds: float = 5.0
+    audit_interval_seconds: float = 300.0
     max_attempts: int = 3
     publish_timeout_seconds: float = 2.0
     # How often an asynchronous provider's remote job is polled.
@@ -112,6 +113,7 @@ class Settings:
             "stale_after_seconds": number("STALE_AFTER_SECONDS", 400),
             "dispatch_grace_seconds": number("DISPATCH_GRACE_SECONDS", 5),
             "sweep_interval_seconds": number("SWEEP_INTERVAL_SECONDS", 5.0, float),
+            "audit_interval_seconds": number("AUDIT_INTERVAL_SECONDS", 300.0, float),
             "max_attempts": number("MAX_ATTEMPTS", 3),
             "publish_timeout_seconds": number("PUBLISH_TIMEOUT_SECONDS", 2.0, float),
             "poll_interval_seconds": number("POLL_INTERVAL_SECONDS", 3.0, float),

@@ -47,6 +47,9 @@ def create_celery(settings: Settings) -> Celery:
     app.conf.beat_schedule = {
         "sweep": {"task": names.SWEEP, "schedule": settings.sweep_interval_seconds,
                   "options": {"queue": names.MAINTENANCE_QUEUE, "expires": 60}},
+        "ledger-audit": {"task": names.LEDGER_AUDIT,
+                         "schedule": settings.audit_interval_seconds,
+                         "options": {"queue": names.MAINTENANCE_QUEUE, "expires": 600}},
     }
     # Beat keeps its last-run times here; the folder may not exist on a fresh machine.
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ STORE = "pipeline.store"
 SETTLE = "pipeline.settle"
 FAIL_AND_REFUND = "pipeline.fail_and_refund"
 SWEEP = "pipeline.sweep"
+LEDGER_AUDIT = "pipeline.ledger_audit"
 
 PIPELINE_QUEUE = "pipeline"
 LOCAL_QUEUE = "local"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import sweeper
+from pipeline import audit, sweeper
+from pipeline.db import new_id, utcnow
+from pipeline.tables import metrics
 from tasks import names
 
 log = logging.getLogger("pipeline.sweeper")
@@ -20,4 +22,24 @@ def register(app) -> None:
         counts = sweeper.sweep(runtime_of(app))
         if any(counts.values()):
             log.info("sweep: %s", counts)
+        return counts
+
+    @app.task(name=names.LEDGER_AUDIT, shared=False, ignore_result=True, soft_time_limit=240,
+              time_limit=270, acks_late=False)
+    def ledger_audit():
+        """Check every ledger invariant; the result is kept as metrics rows for /metrics."""
+        from tasks.app import runtime_of
+
+        engine = runtime_of(app).engine
+        findings = audit.audit(engine)
+        counts = audit.summary(findings)
+        at = utcnow()  # one timestamp for the whole run: /metrics reads the latest run
+        with engine.begin() as conn:
+            conn.execute(metrics.insert(), [
+                {"id": new_id(), "name": "ledger_audit_findings", "value": count,
+                 "labels": {"check": check}, "timestamp": at}
+                for check, count in counts.items()])
+        for finding in findings[:50]:
+            log.error("ledger audit: %s %s: %s", finding.check, finding.subject,
+                      finding.message)
         return counts
