@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC
+from functools import cache
 
-from sqlalchemy import and_, case, false, func, not_, or_, select
+from sqlalchemy import DateTime, and_, bindparam, case, false, func, not_, or_, select
 
 from pipeline.db import utcnow
 from pipeline.tables import TERMINAL_STATUSES, credit_holds, jobs, transactions, wallets
@@ -96,19 +97,32 @@ def summary(findings) -> dict[str, int]:
     return {check: counts.get(check, 0) for check in CHECKS}
 
 
-def _negative_balances(conn, _now):
+# Each check's statement is built once and cached (the @cache functions below): building
+# SQLAlchemy expressions costs more than running them on a small ledger, and the property
+# tests audit after every step.
+
+
+@cache
+def _job_sums():
+    return _entry_sums(transactions.c.job_id)
+
+
+@cache
+def _negative_balances_query():
     w = wallets.c
-    rows = conn.execute(
-        select(w.id, w.credits_available, w.credits_held, w.credits_used)
-        .where(or_(w.credits_available < 0, w.credits_held < 0, w.credits_used < 0))
-    )
-    for r in rows:
+    return (select(w.id, w.credits_available, w.credits_held, w.credits_used)
+            .where(or_(w.credits_available < 0, w.credits_held < 0, w.credits_used < 0)))
+
+
+def _negative_balances(conn, _now):
+    for r in conn.execute(_negative_balances_query()):
         yield Finding("negative_balance", str(r.id),
                       f"available {r.credits_available}, held {r.credits_held}, "
                       f"used {r.credits_used}: none may be below zero")
 
 
-def _balance_mismatches(conn, _now):
+@cache
+def _balance_query():
     s = _entry_sums(transactions.c.wallet_id)
     # A wallet without entries joins to NULL sums, which must read as zero.
     dep, res, debit, late, rel, ref = (
@@ -119,13 +133,16 @@ def _balance_mismatches(conn, _now):
     held = (res - debit - rel - ref).label("held")
     used = (debit + late).label("used")
     w = wallets.c
-    rows = conn.execute(
+    return (
         select(w.id, w.credits_available, w.credits_held, w.credits_used, available, held, used)
         .select_from(wallets.outerjoin(s, s.c.owner == w.id))
         .where(or_(w.credits_available != available, w.credits_held != held,
                    w.credits_used != used))
     )
-    for r in rows:
+
+
+def _balance_mismatches(conn, _now):
+    for r in conn.execute(_balance_query()):
         yield Finding(
             "balance_mismatch", str(r.id),
             f"wallet (available {r.credits_available}, held {r.credits_held}, used "
@@ -133,25 +150,34 @@ def _balance_mismatches(conn, _now):
             f"used {r.used})")
 
 
-def _duplicates(conn, _now):
-    for r in conn.execute(
+@cache
+def _duplicate_queries():
+    reservations = (
         select(transactions.c.job_id, func.count().label("n"))
         .where(transactions.c.type == "reservation", transactions.c.job_id.is_not(None))
         .group_by(transactions.c.job_id)
         .having(func.count() > 1)
-    ):
-        yield Finding("duplicate_reservation", str(r.job_id), f"{r.n} reservations for one job")
+    )
     # The unique constraint forbids this; the audit still checks the data, not the schema.
-    for r in conn.execute(
+    holds = (
         select(credit_holds.c.job_id, func.count().label("n"))
         .group_by(credit_holds.c.job_id)
         .having(func.count() > 1)
-    ):
+    )
+    return reservations, holds
+
+
+def _duplicates(conn, _now):
+    reservations, holds = _duplicate_queries()
+    for r in conn.execute(reservations):
+        yield Finding("duplicate_reservation", str(r.job_id), f"{r.n} reservations for one job")
+    for r in conn.execute(holds):
         yield Finding("duplicate_hold", str(r.job_id), f"{r.n} holds for one job")
 
 
-def _hold_closures(conn, _now):
-    s = _entry_sums(transactions.c.job_id)
+@cache
+def _hold_queries():
+    s = _job_sums()
     h = credit_holds.c
     res, debit, rel, ref = (func.coalesce(c, 0) for c in (s.c.reservation, s.c.debit,
                                                           s.c.release, s.c.refund))
@@ -163,7 +189,7 @@ def _hold_closures(conn, _now):
         and_(h.status == "open", debit + rel + ref != 0),
     )
     terminal_open = and_(h.status == "open", jobs.c.status.in_(TERMINAL_STATUSES))
-    rows = conn.execute(
+    holds = (
         select(h.job_id, h.amount, h.status, jobs.c.status.label("job_status"),
                res.label("reservation"), debit.label("debit"), rel.label("release"),
                ref.label("refund"), terminal_open.label("terminal_open"),
@@ -172,7 +198,19 @@ def _hold_closures(conn, _now):
                      .outerjoin(s, s.c.owner == h.job_id))
         .where(or_(terminal_open, opened_wrong, closed_wrong))
     )
-    for r in rows:
+    # Hold entries with no hold at all; a late debit alone is fine (the job was
+    # settled after its hold was gone, lifecycle.settle -> ledger.charge_late).
+    orphans = (
+        select(s.c.owner, s.c.reservation, s.c.debit, s.c.release, s.c.refund)
+        .select_from(s.outerjoin(credit_holds, h.job_id == s.c.owner))
+        .where(h.id.is_(None), s.c.reservation + s.c.debit + s.c.release + s.c.refund != 0)
+    )
+    return holds, orphans
+
+
+def _hold_closures(conn, _now):
+    holds, orphans = _hold_queries()
+    for r in conn.execute(holds):
         if r.terminal_open:
             yield Finding("open_hold_on_terminal_job", str(r.job_id),
                           f"{r.job_status} job still holds {r.amount}")
@@ -181,26 +219,21 @@ def _hold_closures(conn, _now):
                 "unbalanced_hold", str(r.job_id),
                 f"{r.status} hold of {r.amount}: reservation {r.reservation}, debit "
                 f"{r.debit}, release {r.release}, refund {r.refund}")
-    # Hold entries with no hold at all; a late debit alone is fine (the job was
-    # settled after its hold was gone, lifecycle.settle -> ledger.charge_late).
-    orphans = conn.execute(
-        select(s.c.owner, s.c.reservation, s.c.debit, s.c.release, s.c.refund)
-        .select_from(s.outerjoin(credit_holds, h.job_id == s.c.owner))
-        .where(h.id.is_(None), s.c.reservation + s.c.debit + s.c.release + s.c.refund != 0)
-    )
-    for r in orphans:
+    for r in conn.execute(orphans):
         yield Finding("unbalanced_hold", str(r.owner),
                       f"no hold, yet reservation {r.reservation}, debit {r.debit}, "
                       f"release {r.release}, refund {r.refund}")
 
 
+@cache
+def _job_entries_query():
+    s = _job_sums()
+    return (select(s.c.owner, s.c.hold_debits, s.c.debits, s.c.refunds)
+            .where(or_(and_(s.c.hold_debits > 0, s.c.refunds > 0), s.c.debits > 1)))
+
+
 def _job_entries(conn, _now):
-    s = _entry_sums(transactions.c.job_id)
-    rows = conn.execute(
-        select(s.c.owner, s.c.hold_debits, s.c.debits, s.c.refunds)
-        .where(or_(and_(s.c.hold_debits > 0, s.c.refunds > 0), s.c.debits > 1))
-    )
-    for r in rows:
+    for r in conn.execute(_job_entries_query()):
         if r.hold_debits and r.refunds:
             yield Finding("debit_and_refund", str(r.owner),
                           "the hold was both posted (debit) and voided (refund)")
@@ -208,24 +241,33 @@ def _job_entries(conn, _now):
             yield Finding("double_debit", str(r.owner), f"{r.debits} debits for one job")
 
 
+@cache
+def _expired_query():
+    h = credit_holds.c
+    return (select(h.job_id, h.amount, h.expires_at)
+            .where(h.status == "open",
+                   h.expires_at < bindparam("now", type_=DateTime(timezone=True))))
+
+
 def _expired_holds(conn, now):
-    for r in conn.execute(
-        select(credit_holds.c.job_id, credit_holds.c.amount, credit_holds.c.expires_at)
-        .where(credit_holds.c.status == "open", credit_holds.c.expires_at < now)
-    ):
+    for r in conn.execute(_expired_query(), {"now": now}):
         yield Finding("expired_hold", str(r.job_id),
                       f"hold of {r.amount} still open after it expired at {r.expires_at}")
 
 
-def _actual_costs(conn, _now):
-    s = _entry_sums(transactions.c.job_id)
+@cache
+def _actual_cost_query():
+    s = _job_sums()
     charged = func.coalesce(s.c.debit, 0) + func.coalesce(s.c.late_debit, 0)
-    rows = conn.execute(
+    return (
         select(jobs.c.id, jobs.c.actual_cost, charged.label("charged"))
         .select_from(jobs.outerjoin(s, s.c.owner == jobs.c.id))
         .where(jobs.c.status == "completed",
                or_(jobs.c.actual_cost.is_(None), jobs.c.actual_cost != charged))
     )
-    for r in rows:
+
+
+def _actual_costs(conn, _now):
+    for r in conn.execute(_actual_cost_query()):
         yield Finding("actual_cost_mismatch", str(r.id),
                       f"completed with actual cost {r.actual_cost}, debited {r.charged}")
