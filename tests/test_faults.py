@@ -28,6 +28,7 @@ import requests
 from sqlalchemy import func, select
 
 from api import create_app
+from pipeline import budgets
 from pipeline.config import Settings
 from pipeline.db import init_db, insert_ignore, new_id
 from pipeline.runtime import build_runtime
@@ -306,12 +307,19 @@ FUNDED_JOBS = 50
 SUBMISSIONS = 200
 
 
-def test_concurrent_submissions_never_overdraw_the_wallet(own_database, redis_prefix, tmp_path,
-                                                          start_worker):
+@pytest.mark.parametrize("limit", ["wallet", "budget"])
+def test_concurrent_submissions_never_overdraw_the_wallet(limit, own_database, redis_prefix,
+                                                          tmp_path, start_worker):
+    """The wallet funds exactly 50 jobs, or (budget) a daily cap allows exactly 50."""
     env = distributed_env(tmp_path, own_database, redis_prefix,
                           storage_url=f"file://{tmp_path}/storage")
     rt, _ = pipeline_runtime(env)
-    company = make_company(rt.engine, credits=IMAGE_COST * FUNDED_JOBS, name="racer")
+    funded = IMAGE_COST * FUNDED_JOBS
+    deposit = funded if limit == "wallet" else Decimal(100)
+    refusal = "INSUFFICIENT_CREDITS" if limit == "wallet" else "BUDGET_EXCEEDED"
+    company = make_company(rt.engine, credits=deposit, name="racer")
+    if limit == "budget":
+        budgets.set_budget(rt.engine, company.company_id, period="day", cap=funded)
     # Two worker processes, so holds are taken from separate processes at the same time.
     workers = [start_worker(env, concurrency=4), start_worker(env, concurrency=4)]
 
@@ -325,8 +333,9 @@ def test_concurrent_submissions_never_overdraw_the_wallet(own_database, redis_pr
                     select(wallets.c.credits_available, wallets.c.credits_held)
                     .where(wallets.c.company_id == company.company_id)
                 ).one()
+                committed = deposit - row.credits_available  # spent + held, no other moves
                 conn.rollback()
-                samples.append((row.credits_available, row.credits_held))
+                samples.append((row.credits_available, row.credits_held, committed))
                 time.sleep(0.005)
 
     sampler = threading.Thread(target=sample_wallet, daemon=True)
@@ -344,7 +353,7 @@ def test_concurrent_submissions_never_overdraw_the_wallet(own_database, redis_pr
             statuses = Counter(r.status_code for r in responses)
             assert set(statuses) <= {202, 402}, statuses
             refused = [r for r in responses if r.status_code == 402]
-            assert {r.json()["code"] for r in refused} <= {"INSUFFICIENT_CREDITS"}
+            assert {r.json()["code"] for r in refused} <= {refusal}
             accepted = [r.json()["jobId"] for r in responses if r.status_code == 202]
             assert all(Decimal(r.json()["estimatedCost"]) == IMAGE_COST
                        for r in responses if r.status_code == 202)
@@ -352,7 +361,7 @@ def test_concurrent_submissions_never_overdraw_the_wallet(own_database, redis_pr
             # The wallet is spent: now the fast check at submit refuses at once.
             late = submit(url, company.api_key, IMAGE_JOB)
             assert late.status_code == 402, late.text
-            assert late.json()["code"] == "INSUFFICIENT_CREDITS"
+            assert late.json()["code"] == refusal
     finally:
         stop.set()
         sampler.join(10)
@@ -365,7 +374,7 @@ def test_concurrent_submissions_never_overdraw_the_wallet(own_database, redis_pr
           f"reserve; {len(samples)} wallet samples")
     assert len(completed) == FUNDED_JOBS, (Counter(j.status for j in rows.values()),
                                            error_lines(workers))
-    assert {(j.status, j.error_code) for j in failed} <= {("failed", "INSUFFICIENT_CREDITS")}
+    assert {(j.status, j.error_code) for j in failed} <= {("failed", refusal)}
     assert len(refused) + len(failed) == SUBMISSIONS - FUNDED_JOBS
     assert all(j.actual_cost == IMAGE_COST for j in completed)
 
@@ -377,11 +386,13 @@ def test_concurrent_submissions_never_overdraw_the_wallet(own_database, redis_pr
     assert not holds_by_job(rt.engine, [j.id for j in failed])
 
     assert samples
-    assert all(available >= 0 and held >= 0 for available, held in samples)
+    assert all(available >= 0 and held >= 0 for available, held, _ in samples)
+    # Spent plus held never passed what was allowed, at any sampled instant.
+    assert all(committed <= funded for _, _, committed in samples)
     wallet = wallet_of(rt.engine, company.company_id)
-    assert wallet.credits_available == 0
+    assert wallet.credits_available == deposit - funded
     assert wallet.credits_held == 0
-    assert wallet.credits_used == IMAGE_COST * FUNDED_JOBS
+    assert wallet.credits_used == funded
     assert_wallet_matches_ledger(rt.engine, company.company_id)
     assert not duplicate_idempotency_keys(rt.engine)
     assert run_audit(rt.engine) == []
