@@ -28,6 +28,8 @@ CHECKS = (
 
 @dataclass(frozen=True)
 class Finding:
+    """One broken invariant: which check, on which wallet or job, and what was seen."""
+
     check: str
     subject: str  # the wallet id or job id, as a string
     message: str
@@ -38,10 +40,17 @@ class Finding:
 _late = func.coalesce(transactions.c.metadata["late"].as_boolean(), false())
 
 
-def _sum(type_: str, *, late: bool | None = None):
+# An operator's refund of a posted charge (ledger.refund_debit) returns credits from
+# `used` to `available`; every other refund returns a hold.
+_operator = transactions.c.idempotency_key.like("operator-refund:%")
+
+
+def _sum(type_: str, *, late: bool | None = None, operator: bool | None = None):
     condition = transactions.c.type == type_
     if late is not None:
         condition = and_(condition, _late if late else not_(_late))
+    if operator is not None:
+        condition = and_(condition, _operator if operator else not_(_operator))
     return func.coalesce(func.sum(case((condition, transactions.c.amount), else_=0)), 0)
 
 
@@ -60,11 +69,12 @@ def _entry_sums(group_column):
             _sum("debit", late=False).label("debit"),
             _sum("debit", late=True).label("late_debit"),
             _sum("release").label("release"),
-            _sum("refund").label("refund"),
+            _sum("refund", operator=False).label("refund"),
+            _sum("refund", operator=True).label("operator_refund"),
             _count(transactions.c.type == "reservation").label("reservations"),
             _count(is_debit).label("debits"),
             _count(and_(is_debit, not_(_late))).label("hold_debits"),
-            _count(transactions.c.type == "refund").label("refunds"),
+            _count(and_(transactions.c.type == "refund", not_(_operator))).label("refunds"),
         )
         .where(group_column.is_not(None))
         .group_by(group_column)
@@ -125,13 +135,13 @@ def _negative_balances(conn, _now):
 def _balance_query():
     s = _entry_sums(transactions.c.wallet_id)
     # A wallet without entries joins to NULL sums, which must read as zero.
-    dep, res, debit, late, rel, ref = (
+    dep, res, debit, late, rel, ref, op = (
         func.coalesce(c, 0) for c in (s.c.deposit, s.c.reservation, s.c.debit, s.c.late_debit,
-                                      s.c.release, s.c.refund)
+                                      s.c.release, s.c.refund, s.c.operator_refund)
     )
-    available = (dep - res + rel + ref - late).label("available")
+    available = (dep - res + rel + ref - late + op).label("available")
     held = (res - debit - rel - ref).label("held")
-    used = (debit + late).label("used")
+    used = (debit + late - op).label("used")
     w = wallets.c
     return (
         select(w.id, w.credits_available, w.credits_held, w.credits_used, available, held, used)
@@ -152,12 +162,8 @@ def _balance_mismatches(conn, _now):
 
 @cache
 def _duplicate_queries():
-    reservations = (
-        select(transactions.c.job_id, func.count().label("n"))
-        .where(transactions.c.type == "reservation", transactions.c.job_id.is_not(None))
-        .group_by(transactions.c.job_id)
-        .having(func.count() > 1)
-    )
+    s = _job_sums()
+    reservations = select(s.c.owner, s.c.reservations).where(s.c.reservations > 1)
     # The unique constraint forbids this; the audit still checks the data, not the schema.
     holds = (
         select(credit_holds.c.job_id, func.count().label("n"))
@@ -170,7 +176,8 @@ def _duplicate_queries():
 def _duplicates(conn, _now):
     reservations, holds = _duplicate_queries()
     for r in conn.execute(reservations):
-        yield Finding("duplicate_reservation", str(r.job_id), f"{r.n} reservations for one job")
+        yield Finding("duplicate_reservation", str(r.owner),
+                      f"{r.reservations} reservations for one job")
     for r in conn.execute(holds):
         yield Finding("duplicate_hold", str(r.job_id), f"{r.n} holds for one job")
 

@@ -68,6 +68,17 @@ def _record(conn, *, wallet_id, type_, amount, key, job_id=None, metadata=None) 
     return written
 
 
+def _record_new(conn, **entry) -> None:
+    """Write an entry that closing a hold must be the first to write.
+
+    The hold's compare-and-set already made this the only closing of it, so an entry
+    already under the key means the ledger disagrees with itself: refuse (the caller's
+    transaction rolls back) rather than move the balances a second time.
+    """
+    if not _record(conn, **entry):
+        raise LedgerConflict(entry["key"], "an existing entry", "a hold's closing entry")
+
+
 def _move(conn, wallet_id, **deltas) -> bool:
     """Apply balance deltas in one UPDATE; refuses (False) to take available below zero."""
     values = {name: getattr(wallets.c, name) + delta for name, delta in deltas.items()}
@@ -146,17 +157,20 @@ def settle(conn, job_id, actual) -> Decimal | None:
 
     Returns the amount debited, or None when the hold was already closed (a replay).
     """
+    actual = credits(actual)
+    if actual < 0:
+        raise ValueError(f"an actual cost cannot be negative: {actual}")
     hold = get_hold(conn, job_id)
     if hold is None or not _close(conn, hold, "settled"):
         return None
-    debit = min(credits(actual), hold.amount)
+    debit = min(actual, hold.amount)
     release = hold.amount - debit
     if debit > 0:
-        _record(conn, wallet_id=hold.wallet_id, type_="debit", amount=debit,
-                key=f"debit:{job_id}", job_id=job_id)
+        _record_new(conn, wallet_id=hold.wallet_id, type_="debit", amount=debit,
+                    key=f"debit:{job_id}", job_id=job_id)
     if release > 0:
-        _record(conn, wallet_id=hold.wallet_id, type_="release", amount=release,
-                key=f"release:{job_id}", job_id=job_id)
+        _record_new(conn, wallet_id=hold.wallet_id, type_="release", amount=release,
+                    key=f"release:{job_id}", job_id=job_id)
     _move(conn, hold.wallet_id, credits_held=-hold.amount, credits_used=debit,
           credits_available=release)
     return debit
@@ -168,8 +182,8 @@ def void(conn, job_id, *, reason: str) -> Decimal | None:
     if hold is None or not _close(conn, hold, "voided"):
         return None
     if hold.amount > 0:
-        _record(conn, wallet_id=hold.wallet_id, type_="refund", amount=hold.amount,
-                key=f"refund:{job_id}", job_id=job_id, metadata={"reason": reason})
+        _record_new(conn, wallet_id=hold.wallet_id, type_="refund", amount=hold.amount,
+                    key=f"refund:{job_id}", job_id=job_id, metadata={"reason": reason})
     _move(conn, hold.wallet_id, credits_held=-hold.amount, credits_available=hold.amount)
     return hold.amount
 
@@ -180,8 +194,18 @@ def charge_late(conn, company_id, job_id, amount) -> Decimal:
     Charges what the wallet allows (never below zero) and records the shortfall on the
     entry. The debit carries `late: true` so the audit knows it did not come from a hold.
     """
+    existing = conn.execute(
+        select(transactions.c.amount).where(transactions.c.idempotency_key == f"debit:{job_id}")
+    ).scalar()
+    if existing is not None:
+        return existing  # a replay: the charge was decided the first time
+    hold = get_hold(conn, job_id)
+    if hold is not None and hold.status == "open":
+        raise LedgerConflict(f"debit:{job_id}", "an open hold", "a late charge")
     wallet = wallet_for_company(conn, company_id)
     amount = credits(amount)
+    if amount < 0:
+        raise ValueError(f"a charge cannot be negative: {amount}")
     charge = min(amount, wallet.credits_available)
     if charge <= 0:
         return ZERO

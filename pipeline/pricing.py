@@ -59,6 +59,12 @@ class PriceTable:
         unpriced = sorted(set(usage) - set(units))
         if unpriced:
             raise UnpricedUsage(provider, content_type, unpriced)
+        negative = sorted(unit for unit, amount in usage.items() if Decimal(str(amount)) < 0)
+        if negative or any(units[unit] < 0 for unit in usage):
+            # A provider reporting negative usage (or a negative price) would mint credits.
+            raise PipelineError(f"Negative usage or price for {provider} {content_type}.",
+                                details={"units": negative or sorted(usage)},
+                                code="INVALID_USAGE")
         total = sum(
             (Decimal(str(amount)) * units[unit] for unit, amount in usage.items()),
             Decimal(0),

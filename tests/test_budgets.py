@@ -10,6 +10,7 @@ import pytest
 
 from api import create_app
 from pipeline import budgets, ledger, lifecycle
+from pipeline.audit import audit
 from pipeline.budgets import BudgetExceeded
 from pipeline.db import utcnow
 from pipeline.errors import InsufficientCredits
@@ -151,6 +152,8 @@ def test_admin_deposit_refund_and_budget_endpoints(pg_runtime):
     wallet = wallet_of(pg_runtime.engine, company.company_id)
     assert wallet.credits_used == Decimal("0.0005")
     assert_wallet_matches_ledger(pg_runtime.engine, company.company_id)
+    mine = {str(company.wallet_id), str(job["id"])}
+    assert [f for f in audit(pg_runtime.engine) if f.subject in mine] == []
 
     other = make_company(pg_runtime.engine, credits=1, name="other")
     resp = client.post("/v1/wallet/refunds", headers=auth(other.admin_key),
