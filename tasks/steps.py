@@ -88,13 +88,17 @@ def run_provider(runtime, job_id, remote_id: str | None):
     return None
 
 
-def cancel_remote(runtime, job_id, remote_id: str | None) -> None:
-    """Best effort: stop the provider's work for a job we gave up on."""
-    if not remote_id:
-        return
+def cancel_remote(runtime, job_id, remote_id: str | None = None) -> None:
+    """Best effort: stop the provider's work for a job we gave up on.
+
+    The remote id is read back from the job when not given: a GPU job saves it while
+    the task polls, after the claim that started the task was taken.
+    """
     try:
-        _job, provider, request = load_request(runtime, job_id)
-        provider.cancel(request, remote_id)
+        job, provider, request = load_request(runtime, job_id)
+        remote_id = remote_id or job.remote_id
+        if remote_id:
+            provider.cancel(request, remote_id)
     except ProviderError as exc:
         log.warning("job %s: could not cancel remote work: %s", job_id, exc.message)
 
@@ -156,7 +160,8 @@ def run_generate(task, job_id) -> None:
     claim = lifecycle.claim_generation(rt.engine, job_id,
                                        stale_after=rt.settings.stale_after_seconds)
     if claim.action == "skip":
-        cancel_remote(rt, job_id, claim.remote_id)  # the job ended while it ran remotely
+        if claim.remote_id:
+            cancel_remote(rt, job_id, claim.remote_id)  # the job ended while it ran remotely
         return  # or done by an earlier delivery: store and settle find their work
     if claim.action == "busy":
         raise Ignore()  # alive in another worker; the sweeper re-drives it if that dies
@@ -180,7 +185,7 @@ def run_generate(task, job_id) -> None:
         fail_refused(rt, job, claim, exc)
         raise Ignore() from None
     except SoftTimeLimitExceeded:
-        cancel_remote(rt, job_id, claim.remote_id)
+        cancel_remote(rt, job_id)
         lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="timeout")
         lifecycle.fail(rt.engine, job_id, code="PROVIDER_TIMEOUT",
                        message="The provider took longer than the step's time limit.")

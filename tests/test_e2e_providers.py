@@ -153,6 +153,10 @@ def test_refusals_fail_with_their_reason_and_refund(stack, start_worker, fakes):
     wallet = wallet_of(rt.engine, company.company_id)
     assert (wallet.credits_held, wallet.credits_used) == (0, 0)
     assert wallet.credits_available == 1000
+    # Operators are alerted through /metrics: quota exhaustion is counted per provider.
+    exported = client.get("/metrics").get_data(as_text=True)
+    assert ('pipeline_provider_attempts_total{code="PROVIDER_QUOTA_EXHAUSTED",'
+            'outcome="failed",provider="openai"}') in exported
     assert_wallet_matches_ledger(rt.engine, company.company_id)
 
 
