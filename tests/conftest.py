@@ -57,14 +57,35 @@ def empty_pg_database():
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _drop_prefix(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{prefix}*", count=500):
+        client.delete(key)
+
+
 @pytest.fixture(scope="session")
 def redis_prefix():
     """A key prefix of our own on the shared Redis; its keys are deleted at the end."""
     prefix = f"cp-test-{uuid.uuid4().hex[:10]}:"
     yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{prefix}*", count=500):
-        client.delete(key)
+    _drop_prefix(prefix)
+
+
+@pytest.fixture(scope="module")
+def module_redis_prefix():
+    """A prefix for one test module whose published jobs no worker will ever run."""
+    prefix = f"cp-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    _drop_prefix(prefix)
+
+
+@pytest.fixture
+def own_redis_prefix():
+    """A prefix for one test, when what other tests left in the broker would disturb it
+    (a test that waits for the queues to drain, say)."""
+    prefix = f"cp-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    _drop_prefix(prefix)
 
 
 @pytest.fixture(scope="session")

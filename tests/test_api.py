@@ -20,9 +20,10 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 
 @pytest.fixture(scope="module")
-def runtime(pg_database, redis_prefix, tmp_path_factory):
+def runtime(pg_database, module_redis_prefix, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
-    env = distributed_env(tmp, pg_database, redis_prefix, storage_url=f"file://{tmp}/storage")
+    env = distributed_env(tmp, pg_database, module_redis_prefix,
+                          storage_url=f"file://{tmp}/storage")
     settings = Settings.from_env(environ=env)
     rt = build_runtime(settings, publisher=CeleryPublisher(create_celery(settings)))
     init_db(rt.engine)

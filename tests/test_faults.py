@@ -308,10 +308,10 @@ SUBMISSIONS = 200
 
 
 @pytest.mark.parametrize("limit", ["wallet", "budget"])
-def test_concurrent_submissions_never_overdraw_the_wallet(limit, own_database, redis_prefix,
+def test_concurrent_submissions_never_overdraw_the_wallet(limit, own_database, own_redis_prefix,
                                                           tmp_path, start_worker):
     """The wallet funds exactly 50 jobs, or (budget) a daily cap allows exactly 50."""
-    env = distributed_env(tmp_path, own_database, redis_prefix,
+    env = distributed_env(tmp_path, own_database, own_redis_prefix,
                           storage_url=f"file://{tmp_path}/storage")
     rt, _ = pipeline_runtime(env)
     funded = IMAGE_COST * FUNDED_JOBS
@@ -687,15 +687,15 @@ def output_saved(engine, job_id) -> bool:
             is not None
 
 
-def test_a_chain_delivered_twice_charges_once(own_database, redis_prefix, slow_plugin, tmp_path,
-                                              start_worker):
+def test_a_chain_delivered_twice_charges_once(own_database, own_redis_prefix, slow_plugin,
+                                              tmp_path, start_worker):
     """Copies of a job's chain arrive at each stage of its life; it is charged once.
 
     The API publishes the chain once. A second copy races it from the start (its generate
     usually finds the job claimed by the first); a third is published once the output is
     saved (it finds the job finishing or finished); a fourth after the job is settled.
     """
-    env = distributed_env(tmp_path, own_database, redis_prefix,
+    env = distributed_env(tmp_path, own_database, own_redis_prefix,
                           storage_url=f"file://{tmp_path}/storage",
                           PYTHONPATH=worker_pythonpath(slow_plugin))
     rt, celery_app = pipeline_runtime(env)
@@ -725,7 +725,7 @@ def test_a_chain_delivered_twice_charges_once(own_database, redis_prefix, slow_p
     copies = 4
     wait_for(lambda: log_count(workers, "pipeline.reserve[", "received")
              >= copies * DUPLICATED_JOBS, timeout=30, message="every copy's reserve step")
-    wait_for(lambda: queues_drained(REDIS_URL, redis_prefix, SLOW_QUEUES),
+    wait_for(lambda: queues_drained(REDIS_URL, own_redis_prefix, SLOW_QUEUES),
              timeout=60, interval=0.5, message="the duplicate chains to drain")
     print(f"\nduplicates: {DUPLICATED_JOBS} jobs x {copies} copies; received: "
           + ", ".join(f"{step} {log_count(workers, f'pipeline.{step}[', 'received')}"

@@ -38,8 +38,8 @@ def _runtime(tmp, pg_database, redis_prefix, *, wrap=lambda publisher: publisher
 
 
 @pytest.fixture(scope="module")
-def runtime(pg_database, redis_prefix, tmp_path_factory):
-    rt = _runtime(tmp_path_factory.mktemp("idem"), pg_database, redis_prefix)
+def runtime(pg_database, module_redis_prefix, tmp_path_factory):
+    rt = _runtime(tmp_path_factory.mktemp("idem"), pg_database, module_redis_prefix)
     yield rt
     rt.engine.dispose()
 
@@ -285,9 +285,9 @@ class SlowPublisher:
 
 
 @pytest.fixture(scope="module")
-def slow_server(pg_database, redis_prefix, tmp_path_factory):
+def slow_server(pg_database, module_redis_prefix, tmp_path_factory):
     """The app on a real threaded HTTP server, its publisher slowed to widen the race."""
-    rt = _runtime(tmp_path_factory.mktemp("idem-http"), pg_database, redis_prefix,
+    rt = _runtime(tmp_path_factory.mktemp("idem-http"), pg_database, module_redis_prefix,
                   wrap=lambda publisher: SlowPublisher(publisher, delay=0.3))
     server = make_server("127.0.0.1", 0, create_app(rt), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
