@@ -83,22 +83,30 @@ def _subject_filter(budget):
 
 
 def usage(conn, budget, now: datetime | None = None) -> tuple[Decimal, Decimal]:
-    """(posted spend this period, open holds) for the budget's subject."""
+    """(posted spend this period, open holds) for the budget's subject.
+
+    Both sums come from ONE statement, so they share one snapshot: read separately, a
+    settle committing in between (hold closed, debit written) would be counted in
+    neither, and a reservation could slip past the cap.
+    """
     start = period_start(budget.period, now)
-    spent = conn.execute(
+    spent = (
         select(func.coalesce(func.sum(transactions.c.amount), 0))
         .select_from(transactions.join(jobs, jobs.c.id == transactions.c.job_id))
         .where(jobs.c.company_id == budget.company_id, _subject_filter(budget),
                transactions.c.type == "debit", transactions.c.created_at >= start)
-    ).scalar_one()
-    held = conn.execute(
+        .scalar_subquery()
+    )
+    held = (
         select(func.coalesce(func.sum(credit_holds.c.amount), 0))
         .select_from(credit_holds.join(jobs, jobs.c.id == credit_holds.c.job_id))
         .where(jobs.c.company_id == budget.company_id, _subject_filter(budget),
                credit_holds.c.status == "open")
-    ).scalar_one()
-    # SUM keeps the column's Credits type, so SQLite's micro-credits come back as Decimals.
-    return credits(spent), credits(held)
+        .scalar_subquery()
+    )
+    row = conn.execute(select(spent.label("spent"), held.label("held"))).one()
+    # The sums keep the columns' Credits type, so SQLite's micro-credits come back exact.
+    return credits(row.spent), credits(row.held)
 
 
 def applicable(conn, company_id, user_id, api_key_id, *, lock: bool):
