@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_key TEXT,
     output JSONB,
     remote_id TEXT,
+    progress DOUBLE PRECISION,
     error TEXT,
     error_code TEXT,
     estimated_cost NUMERIC(20, 6) NOT NULL,

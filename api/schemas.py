@@ -50,6 +50,8 @@ class Job(Schema):
     estimatedCost = fields.String(allow_none=True)
     actualCost = fields.String(allow_none=True)
     attempts = fields.Integer()
+    progress = fields.Float(allow_none=True, metadata={
+        "description": "0 to 1 where the provider reports it (ComfyUI, Runway, OpenAI video)"})
     createdAt = fields.String()
     updatedAt = fields.String()
     queuedAt = fields.String(allow_none=True)

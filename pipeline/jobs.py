@@ -174,6 +174,7 @@ def job_view(job, storage, link_ttl: int) -> dict:
         "estimatedCost": _money(job.estimated_cost),
         "actualCost": _money(job.actual_cost),
         "attempts": job.attempts,
+        "progress": job.progress,
         "createdAt": _iso(job.created_at),
         "updatedAt": _iso(job.updated_at),
         "queuedAt": _iso(job.queued_at),

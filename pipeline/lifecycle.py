@@ -130,11 +130,14 @@ def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str
                      .values(**values))
 
 
-def heartbeat(engine, job_id, *, remote_id: str | None = None) -> None:
-    """A sign of life from a step that holds the job (and the remote id, once known)."""
+def heartbeat(engine, job_id, *, remote_id: str | None = None,
+              progress: float | None = None) -> None:
+    """A sign of life from a step that holds the job (with the remote id and progress)."""
     values = {"heartbeat_at": utcnow(), "updated_at": utcnow()}
     if remote_id is not None:
         values["remote_id"] = remote_id
+    if progress is not None:
+        values["progress"] = max(0.0, min(1.0, float(progress)))
     with engine.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing")
                      .values(**values))
@@ -152,11 +155,14 @@ def switch_provider(engine, job_id, *, from_provider: str, to_provider: str) -> 
         ).rowcount)
 
 
-def release_claim(engine, job_id, *, remote_id: str | None = None) -> None:
+def release_claim(engine, job_id, *, remote_id: str | None = None,
+                  progress: float | None = None) -> None:
     """Give the job back for a scheduled retry or poll, keeping a remote id if one came."""
     values = {"heartbeat_at": None, "updated_at": utcnow()}
     if remote_id is not None:
         values["remote_id"] = remote_id
+    if progress is not None:
+        values["progress"] = max(0.0, min(1.0, float(progress)))
     with engine.begin() as conn:
         conn.execute(
             update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)
@@ -257,7 +263,7 @@ def settle(engine, job_id) -> bool:
             .where(jobs.c.id == job_id, jobs.c.status == job.status,
                    jobs.c.settled_at.is_(None))
             .values(status="completed", settled_at=now, completed_at=now, updated_at=now,
-                    error=None, error_code=None)
+                    error=None, error_code=None, progress=1.0)
         ).rowcount
         if not completed:
             return False

@@ -170,6 +170,7 @@ jobs = Table(
     Column("output_key", Text),
     Column("output", Json),
     Column("remote_id", Text),
+    Column("progress", Double),
     Column("error", Text),
     Column("error_code", Text),
     Column("estimated_cost", Credits, nullable=False),

@@ -79,7 +79,8 @@ def run_provider(runtime, job_id, remote_id: str | None):
     _job, provider, request = load_request(runtime, job_id)
     outcome = provider.check(request, remote_id) if remote_id else provider.start(request)
     while isinstance(outcome, Pending) and provider.name in SLOT_HOLDING:
-        lifecycle.heartbeat(runtime.engine, job_id, remote_id=outcome.remote_id)
+        lifecycle.heartbeat(runtime.engine, job_id, remote_id=outcome.remote_id,
+                            progress=outcome.progress)
         time.sleep(runtime.settings.poll_interval_seconds)
         outcome = provider.check(request, outcome.remote_id)
     if isinstance(outcome, Pending):
@@ -193,7 +194,8 @@ def run_generate(task, job_id) -> None:
     if pending is not None:
         # The remote id is saved before anything else can fail, so a restarted
         # worker polls the same remote job instead of submitting a new one.
-        lifecycle.release_claim(rt.engine, job_id, remote_id=pending.remote_id)
+        lifecycle.release_claim(rt.engine, job_id, remote_id=pending.remote_id,
+                                progress=pending.progress)
         raise task.retry(countdown=rt.settings.poll_interval_seconds, max_retries=None)
     circuits.record_success(rt.engine, job.provider)
     lifecycle.finish_attempt(rt.engine, job_id, claim.attempts, outcome="succeeded")

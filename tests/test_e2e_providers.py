@@ -133,6 +133,7 @@ def test_every_provider_completes_through_real_workers(stack, start_worker):
     for (provider, _ctype), job_id in ids.items():
         view = _view(client, company, job_id)
         assert view["provider"] == provider
+        assert view["progress"] == 1.0
         assert view["result"]["size"] > 0
         assert Decimal(view["actualCost"]) <= Decimal(view["estimatedCost"])
         assert _attempts(rt, job_id) == [(provider, "succeeded")]
