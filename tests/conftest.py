@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -35,57 +36,64 @@ def _pg_url(name: str) -> str:
     return f"{base}/{name}"
 
 
-@pytest.fixture(scope="session")
-def pg_database():
-    """A fresh PostgreSQL database for this run; dropped at the end."""
-    name = f"cp_test_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def _scratch_database(kind: str):
+    """A fresh PostgreSQL database, dropped (connections and all) when done."""
+    name = f"cp_{kind}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    yield _pg_url(name)
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield _pg_url(name)
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def _scratch_prefix():
+    """A key prefix of our own on the shared Redis; its keys are deleted when done."""
+    prefix = f"cp-test-{uuid.uuid4().hex[:10]}:"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(match=f"{prefix}*", count=500):
+            client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """The run's PostgreSQL database, shared by tests that only add their own rows."""
+    with _scratch_database("test") as url:
+        yield url
 
 
 @pytest.fixture
 def empty_pg_database():
-    """A database with nothing in it, for tests of schema setup itself."""
-    name = f"cp_schema_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield _pg_url(name)
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _drop_prefix(prefix: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{prefix}*", count=500):
-        client.delete(key)
+    """A database of one test's own: schema setup, whole-database audits, sweeps."""
+    with _scratch_database("own") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def redis_prefix():
-    """A key prefix of our own on the shared Redis; its keys are deleted at the end."""
-    prefix = f"cp-test-{uuid.uuid4().hex[:10]}:"
-    yield prefix
-    _drop_prefix(prefix)
+    with _scratch_prefix() as prefix:
+        yield prefix
 
 
 @pytest.fixture(scope="module")
 def module_redis_prefix():
-    """A prefix for one test module whose published jobs no worker will ever run."""
-    prefix = f"cp-test-{uuid.uuid4().hex[:10]}:"
-    yield prefix
-    _drop_prefix(prefix)
+    """For a test module whose published jobs no worker will ever run."""
+    with _scratch_prefix() as prefix:
+        yield prefix
 
 
 @pytest.fixture
 def own_redis_prefix():
-    """A prefix for one test, when what other tests left in the broker would disturb it
+    """For one test, when what other tests left in the broker would disturb it
     (a test that waits for the queues to drain, say)."""
-    prefix = f"cp-test-{uuid.uuid4().hex[:10]}:"
-    yield prefix
-    _drop_prefix(prefix)
+    with _scratch_prefix() as prefix:
+        yield prefix
 
 
 @pytest.fixture(scope="session")
