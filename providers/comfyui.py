@@ -10,6 +10,7 @@ from typing import Any
 
 import requests
 
+from providers import comfyui_progress
 from providers.base import GenerationRequest, Output, Pending
 from providers.comfyui_workflows import (
     DEFAULT_CHECKPOINT,
@@ -60,6 +61,8 @@ class ComfyUIProvider:
     `negativePrompt`, `checkpoint` for the default SDXL graph, or `workflow`: the caller's
     own API-format graph (required for video and audio).
     Remote ids are "<instance base URL>|<prompt id>".
+    While a prompt runs, `check` reports its progress (0..1) from the instance's websocket,
+    opened with our `client_id` (the one sent with each prompt); None where there is none.
     """
 
     name = NAME
@@ -166,7 +169,9 @@ class ComfyUIProvider:
         body = {"prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id}
         answer = http.json(http.send("POST", "/prompt", json=body))
         # Older servers ignore our prompt_id and make their own; theirs is the one to poll.
-        return Pending(f"{url}|{answer.get('prompt_id') or prompt_id}", 0.0, "queued")
+        prompt_id = answer.get("prompt_id") or prompt_id
+        self._progress(http, prompt_id)  # listen from now: ComfyUI keeps no progress for later
+        return Pending(f"{url}|{prompt_id}", 0.0, "queued")
 
     def _history(self, http: HttpClient, prompt_id: str) -> dict[str, Any]:
         return http.json(http.send("GET", f"/history/{prompt_id}")).get(prompt_id) or {}
@@ -187,7 +192,7 @@ class ComfyUIProvider:
         if not entry:
             queue = self._queue(http)
             if prompt_id in queue:
-                return Pending(remote_id, None, queue[prompt_id])
+                return Pending(remote_id, self._progress(http, prompt_id), queue[prompt_id])
             entry = self._history(http, prompt_id)  # it may have finished between the calls
         if not entry:
             # Queue and history live in memory: a restarted instance forgets its prompts.
@@ -196,7 +201,19 @@ class ComfyUIProvider:
                 f"comfyui: {http.base_url} does not know prompt {prompt_id} (restarted or deleted)",
                 provider=NAME,
             )
+        comfyui_progress.forget(http.base_url, self.client_id, prompt_id)
         return self._result(http, request.content_type, prompt_id, entry)
+
+    def _progress(self, http: HttpClient, prompt_id: str) -> float | None:
+        """The websocket's latest progress for the prompt, or None: a hint that never raises."""
+        try:
+            listener = comfyui_progress.listener(
+                http.base_url, self.client_id, min(self.timeout, 5.0)
+            )
+            return listener.progress(prompt_id)
+        except Exception as exc:  # e.g. no thread to be had: polling still works
+            log.debug("comfyui progress for %s unavailable: %s", prompt_id, exc)
+            return None
 
     def _result(
         self, http: HttpClient, content_type: str, prompt_id: str, entry: dict[str, Any]

@@ -142,6 +142,17 @@ def distributed_env(tmp_path: Path, pg_url: str, prefix: str, *, storage_url: st
     return env
 
 
+def runtime_for(env: dict, *, wrap=lambda publisher: publisher):
+    """A Runtime from an environment, publishing to its broker, its schema in place."""
+    from tasks.app import create_celery
+    from tasks.chain import CeleryPublisher
+
+    settings = Settings.from_env(environ=env)
+    runtime = build_runtime(settings, publisher=wrap(CeleryPublisher(create_celery(settings))))
+    init_db(runtime.engine)
+    return runtime
+
+
 @pytest.fixture(scope="session")
 def pg_runtime(pg_database, tmp_path_factory):
     """A Runtime on the run's PostgreSQL database with local storage and no publisher."""

@@ -8,13 +8,8 @@ from decimal import Decimal
 import pytest
 
 from api import create_app
-from pipeline.config import Settings
-from pipeline.db import init_db
-from pipeline.runtime import build_runtime
-from tasks.app import create_celery
-from tasks.chain import CeleryPublisher
 from tests.builders import auth, count_jobs, make_company, wallet_of
-from tests.conftest import distributed_env
+from tests.conftest import distributed_env, runtime_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -24,9 +19,7 @@ def runtime(pg_database, module_redis_prefix, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     env = distributed_env(tmp, pg_database, module_redis_prefix,
                           storage_url=f"file://{tmp}/storage")
-    settings = Settings.from_env(environ=env)
-    rt = build_runtime(settings, publisher=CeleryPublisher(create_celery(settings)))
-    init_db(rt.engine)
+    rt = runtime_for(env)
     yield rt
     rt.engine.dispose()
 

@@ -13,9 +13,7 @@ import requests
 
 from api import create_app
 from pipeline.config import Settings
-from pipeline.db import init_db
 from pipeline.demo import check_file
-from pipeline.runtime import build_runtime
 from pipeline.sweeper import sweep
 from tasks.app import create_celery
 from tasks.chain import CeleryPublisher
@@ -28,7 +26,7 @@ from tests.builders import (
     wait_terminal,
     wallet_of,
 )
-from tests.conftest import ROOT, distributed_env
+from tests.conftest import ROOT, distributed_env, runtime_for
 
 pytestmark = pytest.mark.e2e
 
@@ -46,9 +44,7 @@ def distributed(pg_database, redis_prefix, s3_server, tmp_path):
     bucket = f"results-{tmp_path.name[-8:].lower().replace('_', '-')}"
     env = distributed_env(tmp_path, pg_database, redis_prefix,
                           storage_url=f"s3://{bucket}/jobs", s3_endpoint=s3_server)
-    settings = Settings.from_env(environ=env)
-    rt = build_runtime(settings, publisher=CeleryPublisher(create_celery(settings)))
-    init_db(rt.engine)
+    rt = runtime_for(env)
     rt.storage.ensure_bucket()
     yield env, rt, create_app(rt).test_client()
     rt.engine.dispose()
@@ -147,9 +143,7 @@ def test_job_that_cannot_be_reserved_fails_cleanly_and_charges_nothing(distribut
 def test_the_same_chain_runs_on_rabbitmq(pg_database, rabbitmq_url, start_worker, tmp_path):
     env = distributed_env(tmp_path, pg_database, "", storage_url=f"file://{tmp_path}/store")
     env["CELERY_BROKER_URL"] = rabbitmq_url
-    settings = Settings.from_env(environ=env)
-    rt = build_runtime(settings, publisher=CeleryPublisher(create_celery(settings)))
-    init_db(rt.engine)
+    rt = runtime_for(env)
     client = create_app(rt).test_client()
     start_worker(env)
     company = make_company(rt.engine, credits=5)

@@ -14,12 +14,8 @@ from sqlalchemy import select, text
 
 from api import create_app
 from pipeline import provider_keys
-from pipeline.config import Settings
-from pipeline.db import init_db
-from pipeline.runtime import build_runtime
 from pipeline.tables import job_attempts
-from tasks.app import create_celery
-from tasks.chain import CeleryPublisher, build_chain
+from tasks.chain import build_chain
 from tests.builders import (
     assert_wallet_matches_ledger,
     auth,
@@ -28,7 +24,7 @@ from tests.builders import (
     wait_terminal,
     wallet_of,
 )
-from tests.conftest import REDIS_URL, distributed_env
+from tests.conftest import REDIS_URL, distributed_env, runtime_for
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.elevenlabs import FakeElevenLabs
 from tests.fakes.heygen import FakeHeyGen
@@ -78,11 +74,9 @@ def stack(pg_database, redis_prefix, fakes, tmp_path):
         PROVIDER_KEY_SECRETS="dGVzdC1rZXktZm9yLXByb3ZpZGVyLWtleXMtMzJieXQ=",
         POLL_INTERVAL_SECONDS="0.2", MAX_ATTEMPTS="2", ROUTE_IMAGE="stability,local",
     )
-    settings = Settings.from_env(environ=env)
-    rt = build_runtime(settings, publisher=CeleryPublisher(create_celery(settings)))
-    init_db(rt.engine)
+    rt = runtime_for(env)
     company = make_company(rt.engine, credits=1000)
-    cipher = provider_keys.cipher(settings.provider_key_secrets)
+    cipher = provider_keys.cipher(rt.settings.provider_key_secrets)
     for name in ("stability", "elevenlabs"):
         provider_keys.set_key(rt.engine, cipher, company.company_id, name, KEYS[name])
     yield env, rt, create_app(rt).test_client(), company

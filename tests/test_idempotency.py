@@ -14,14 +14,9 @@ from werkzeug.serving import make_server
 
 from api import create_app
 from pipeline import idempotency
-from pipeline.config import Settings
-from pipeline.db import init_db
-from pipeline.runtime import build_runtime
 from pipeline.tables import idempotency_keys
-from tasks.app import create_celery
-from tasks.chain import CeleryPublisher
 from tests.builders import auth, count_jobs, make_company
-from tests.conftest import distributed_env
+from tests.conftest import distributed_env, runtime_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -30,11 +25,7 @@ KITE = {"contentType": "image", "prompt": "a red kite", "settings": {"width": 10
 
 def _runtime(tmp, pg_database, redis_prefix, *, wrap=lambda publisher: publisher):
     env = distributed_env(tmp, pg_database, redis_prefix, storage_url=f"file://{tmp}/storage")
-    settings = Settings.from_env(environ=env)
-    publisher = wrap(CeleryPublisher(create_celery(settings)))
-    rt = build_runtime(settings, publisher=publisher)
-    init_db(rt.engine)
-    return rt
+    return runtime_for(env, wrap=wrap)
 
 
 @pytest.fixture(scope="module")
