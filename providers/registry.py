@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from importlib.metadata import entry_points
 
 from pipeline.errors import ValidationFailed
@@ -85,7 +86,10 @@ def build_registry(settings) -> Registry:
     if comfy_urls:
         from providers.comfyui import ComfyUIProvider
 
-        providers["comfyui"] = ComfyUIProvider(comfy_urls)
+        # ComfyUI sends progress only to the socket of the client id that submitted,
+        # and one id holds one socket: each process gets its own.
+        providers["comfyui"] = ComfyUIProvider(comfy_urls,
+                                               client_id=f"content-pipeline-{uuid.uuid4().hex}")
     registry = Registry(providers, frozenset(n for n in KEYED if env.get(f"{n.upper()}_API_KEY")))
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         registry.add(entry.load()(settings))

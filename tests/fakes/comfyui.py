@@ -1,17 +1,29 @@
-"""Fake ComfyUI: validated /prompt, a worker-run queue, history, /view, /interrupt (API-NOTES 6)."""
+"""Fake ComfyUI: validated /prompt, a worker-run queue, history, /view, /interrupt, and the
+/ws websocket with progress events (API-NOTES 6)."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import json
+import re
+import socket
+import struct
 import threading
 import time
 import uuid
 from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlsplit
 
 from tests.fakes.base import FakeServer, Reply, Request, main
+from tests.fakes.base import _Handler as _HttpHandler
 from tests.fakes.comfyui_graph import OUTPUT_NODES, canonical, error, validate
 from tests.fakes.media import png_bytes
 
 A = "(?:/api)?"  # every route is served at /<path> and /api/<path>
+WS_PATH = re.compile(f"{A}/ws")
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 
 
 def _now_ms() -> int:
@@ -32,13 +44,15 @@ class FakeComfyUI(FakeServer):
         ("GET", f"{A}/system_stats", "system_stats"),
     ]
     # paused: the worker takes nothing from the queue; hold: a running prompt waits for an
-    # interrupt or for hold to be cleared; error: an exception message to fail prompts with.
+    # interrupt or for hold to be cleared (before its last progress step); error: an
+    # exception message to fail prompts with; websocket: False makes /ws a 404.
     defaults: ClassVar = {
         "paused": False,
         "hold": False,
         "run_seconds": 0.02,
         "error": None,
         "checkpoints": ["sd_xl_base_1.0.safetensors"],
+        "websocket": True,
     }
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -52,11 +66,69 @@ class FakeComfyUI(FakeServer):
         self._file_counters: dict[str, int] = {}
         self._interrupt = threading.Event()
         self._worker = threading.Thread(target=self._work, daemon=True)
+        self.sockets: dict[str, _WebSocket] = {}  # clientId -> its open websocket
+        self.ws_clients: list[str] = []  # the clientId of every websocket accepted
+        self._httpd.RequestHandlerClass = _Handler  # /ws upgrades; all else as FakeServer
 
     def start(self) -> FakeComfyUI:
         super().start()
         self._worker.start()
         return self
+
+    def stop(self) -> None:
+        super().stop()
+        self.drop_websockets()
+
+    # The websocket (API-NOTES 6.7) ---------------------------------------------------------
+
+    def serve_websocket(self, handler: _Handler, key: str) -> None:
+        """Answer the upgrade, then keep the socket until it closes or the fake stops."""
+        client_id = dict(parse_qsl(urlsplit(handler.path).query)).get("clientId") or (
+            uuid.uuid4().hex
+        )
+        handler.close_connection = True
+        handler.wfile.write(
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Accept: {ws_accept(key)}\r\n\r\n"
+            ).encode()
+        )
+        ws = _WebSocket(handler.connection)
+        with self.lock:
+            remaining = len(self.pending) + (self.running is not None)
+        ws.send_json(
+            "status", {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": client_id}
+        )
+        with self.lock:
+            self.ws_clients.append(client_id)
+            self.sockets[client_id] = ws  # a reused clientId replaces the older socket
+        try:
+            ws.serve(self.stopping)
+        finally:
+            with self.lock:
+                if self.sockets.get(client_id) is ws:
+                    del self.sockets[client_id]
+
+    def drop_websockets(self) -> int:
+        """Cut every open websocket (as a crashing server would); returns how many."""
+        with self.lock:
+            doomed = list(self.sockets.values())
+            self.sockets.clear()
+        for ws in doomed:
+            ws.kill()
+        return len(doomed)
+
+    def _emit(
+        self, client_id: str | None, kind: str, data: dict[str, Any], broadcast: bool = False
+    ) -> None:
+        """Send `{"type", "data"}` to the prompt's client's socket (or to all of them)."""
+        with self.lock:
+            if broadcast:
+                targets = list(self.sockets.values())
+            else:
+                targets = [self.sockets[client_id]] if client_id in self.sockets else []
+        for ws in targets:
+            ws.send_json(kind, data)
 
     def enqueue(
         self, graph: dict[str, Any], prompt_id: str | None = None, client_id: str | None = None
@@ -161,13 +233,33 @@ class FakeComfyUI(FakeServer):
                 self.stopping.wait(0.01)
                 continue
             started = _now_ms()
-            interrupted = self._interrupt.wait(self.config["run_seconds"])
-            while self.config["hold"] and not interrupted and not self.stopping.is_set():
-                interrupted = self._interrupt.wait(0.01)
-            self._finish(item, started, interrupted)
+            self._finish(item, started, self._run(item, started))
+
+    def _run(self, item: list[Any], started: int) -> bool:
+        """Run for run_seconds, sending the start events and ~10 progress steps a second."""
+        _, prompt_id, graph, extra, _ = item
+        client = extra.get("client_id")
+        stamp = {"prompt_id": prompt_id, "timestamp": started}
+        self._emit(client, "execution_start", stamp)
+        self._emit(client, "execution_cached", {"nodes": [], **stamp})
+        node = next((n for n, v in graph.items() if v.get("class_type") == "KSampler"), None)
+        node = node or next(iter(graph), None)
+        self._emit(
+            client, "executing", {"node": node, "display_node": node, "prompt_id": prompt_id}
+        )
+        steps = max(1, min(20, round(self.config["run_seconds"] * 10)))
+        for step in range(1, steps + 1):
+            if self._interrupt.wait(self.config["run_seconds"] / steps):
+                return True
+            while step == steps and self.config["hold"] and not self.stopping.is_set():
+                if self._interrupt.wait(0.01):
+                    return True
+            progress = {"value": step, "max": steps, "prompt_id": prompt_id, "node": node}
+            self._emit(client, "progress", progress, broadcast=client is None)
+        return False
 
     def _finish(self, item: list[Any], started: int, interrupted: bool) -> None:
-        _, prompt_id, graph, _, output_ids = item
+        _, prompt_id, graph, extra, output_ids = item
         stamp = {"prompt_id": prompt_id, "timestamp": started}
         messages = [["execution_start", stamp], ["execution_cached", {"nodes": [], **stamp}]]
         outputs: dict[str, Any] = {}
@@ -187,6 +279,12 @@ class FakeComfyUI(FakeServer):
             }
             messages.append(["execution_success", {"prompt_id": prompt_id, "timestamp": _now_ms()}])
         ok = not interrupted and not self.config["error"]
+        client = extra.get("client_id")
+        for node_id, output in outputs.items():
+            executed = {"node": node_id, "display_node": node_id, "output": output}
+            self._emit(client, "executed", {**executed, "prompt_id": prompt_id})
+        kind, data = messages[-1]
+        self._emit(client, kind, data, broadcast=kind == "execution_interrupted")
         with self.lock:
             self.history[prompt_id] = {
                 "prompt": item,
@@ -202,6 +300,7 @@ class FakeComfyUI(FakeServer):
                 },
             }
             self.running = None
+        self._emit(client, "executing", {"node": None, "prompt_id": prompt_id})
 
     def _save(self, graph: dict[str, Any], node: dict[str, Any]) -> dict[str, str]:
         size = next(
@@ -231,6 +330,107 @@ class FakeComfyUI(FakeServer):
             min(size["width"], 1024), min(size["height"], 1024), rgb
         )
         return image
+
+
+def ws_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept answer to a Sec-WebSocket-Key."""
+    return base64.b64encode(
+        hashlib.sha1((key + WS_GUID).encode(), usedforsecurity=False).digest()
+    ).decode()
+
+
+def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """One final, unmasked frame (a server's): 1 text, 8 close, 10 pong."""
+    size = len(payload)
+    if size < 126:
+        head = struct.pack(">BB", 0x80 | opcode, size)
+    elif size < 1 << 16:
+        head = struct.pack(">BBH", 0x80 | opcode, 126, size)
+    else:
+        head = struct.pack(">BBQ", 0x80 | opcode, 127, size)
+    return head + payload
+
+
+def _parse_frame(buffer: bytes) -> tuple[int, bytes, bytes] | None:
+    """(opcode, unmasked payload, rest) of the first whole frame in buffer, or None."""
+    if len(buffer) < 2:
+        return None
+    opcode, masked, size, at = buffer[0] & 0x0F, buffer[1] & 0x80, buffer[1] & 0x7F, 2
+    if size >= 126:
+        width = 2 if size == 126 else 8
+        if len(buffer) < 2 + width:
+            return None
+        size, at = int.from_bytes(buffer[2 : 2 + width], "big"), 2 + width
+    mask = buffer[at : at + 4] if masked else b"\0\0\0\0"
+    at += 4 if masked else 0
+    if len(buffer) < at + size:
+        return None
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(buffer[at : at + size]))
+    return opcode, payload, buffer[at + size :]
+
+
+class _WebSocket:
+    """The server side of one websocket: sends text frames; of the client's, answers only
+    close and ping."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.closed = threading.Event()
+        self._send_lock = threading.Lock()
+
+    def send_json(self, kind: str, data: dict[str, Any]) -> None:
+        self.send(json.dumps({"type": kind, "data": data}).encode())
+
+    def send(self, payload: bytes, opcode: int = 1) -> None:
+        if self.closed.is_set():
+            return
+        try:
+            with self._send_lock:
+                self.sock.sendall(ws_frame(payload, opcode))
+        except OSError:  # the client went away
+            self.kill()
+
+    def kill(self) -> None:
+        self.closed.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def serve(self, stopping: threading.Event) -> None:
+        buffer = b""
+        self.sock.settimeout(0.1)  # to notice stop() and kill()
+        while not self.closed.is_set() and not stopping.is_set():
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            buffer += chunk
+            while (frame := _parse_frame(buffer)) is not None:
+                opcode, payload, buffer = frame
+                if opcode == 8:  # close: echo it, then hang up
+                    self.send(payload[:2], 8)
+                    self.kill()
+                elif opcode == 9:
+                    self.send(payload, 10)
+        self.kill()
+
+
+class _Handler(_HttpHandler):
+    def do_GET(self) -> None:
+        fake = self.server.fake  # type: ignore[attr-defined]
+        key = self.headers.get("Sec-WebSocket-Key")
+        if (
+            key
+            and fake.config["websocket"]
+            and WS_PATH.fullmatch(urlsplit(self.path).path)
+            and self.headers.get("Upgrade", "").lower() == "websocket"
+        ):
+            fake.serve_websocket(self, key)
+        else:
+            self._handle()  # with websocket off, /ws has no route: a 404
 
 
 if __name__ == "__main__":

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 import uuid
 
 import pytest
+import requests
+import websocket
 
 from providers.base import GenerationRequest, Output, Pending
 from providers.comfyui import ComfyUIProvider, prompt_id_for
+from providers.comfyui_progress import ws_url
 from providers.errors import NotConfiguredError, RejectedError, TransientError
 from tests.fakes.base import Reply
-from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.comfyui import FakeComfyUI, ws_accept
 from tests.fakes.media import PNG_SIGNATURE
 
 JOB = "5b0e4c8e-9a1d-4f3e-8c57-2d6f1e0a9b31"
@@ -264,3 +268,128 @@ def test_estimate_is_one_run():
     provider = ComfyUIProvider(["http://unused"])
     assert provider.estimate_usage("image", "p", {}) == {"runs": 1}
     assert provider.estimate_usage("video", "p", {"workflow": SMOKE}) == {"runs": 1}
+
+
+# Progress over the websocket (API-NOTES 6.7) ------------------------------------------------
+
+
+def progress_provider(fake) -> tuple[ComfyUIProvider, str]:
+    # Listeners are shared per instance URL and clientId: a clientId of its own per test.
+    client_id = f"test-{uuid.uuid4().hex}"
+    return ComfyUIProvider([fake.url], timeout=2, client_id=client_id), client_id
+
+
+def poll(provider, request, remote_id, during=None, seconds=8.0) -> tuple[list, Output]:
+    """Every check() until the Output: (the progress of each Pending, the Output)."""
+    seen: list[float | None] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = provider.check(request, remote_id)
+        if isinstance(result, Output):
+            return seen, result
+        assert isinstance(result, Pending)
+        assert result.remote_id == remote_id
+        seen.append(result.progress)
+        if during:
+            during(seen)
+        time.sleep(0.02)
+    raise AssertionError(f"{remote_id} still pending")
+
+
+def test_the_fake_websocket_handshake_follows_rfc_6455():
+    assert ws_accept("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # 1.3's example
+
+
+def test_the_fake_websocket_sends_a_prompts_events_only_to_its_client(fake):
+    ws = websocket.create_connection(f"ws{fake.url[4:]}/api/ws?clientId=abc", timeout=2)
+    bystander = websocket.create_connection(f"ws{fake.url[4:]}/ws?clientId=xyz", timeout=2)
+    try:
+        assert json.loads(ws.recv()) == {
+            "type": "status",
+            "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "abc"},
+        }
+        assert json.loads(bystander.recv())["data"]["sid"] == "xyz"
+        body = {"prompt": SMOKE, "client_id": "abc", "prompt_id": JOB}
+        assert requests.post(f"{fake.url}/prompt", json=body, timeout=2).ok
+        events = []
+        while not events or events[-1] != ("executing", None):
+            message = json.loads(ws.recv())
+            assert message["data"]["prompt_id"] == JOB
+            events.append((message["type"], message["data"].get("node")))
+        assert events == [
+            ("execution_start", None),
+            ("execution_cached", None),
+            ("executing", "1"),
+            ("progress", "1"),
+            ("executed", "2"),
+            ("execution_success", None),
+            ("executing", None),
+        ]
+        bystander.settimeout(0.2)
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            bystander.recv()
+    finally:
+        ws.close()
+        bystander.close()
+    assert fake.ws_clients == ["abc", "xyz"]
+
+
+def test_check_reports_websocket_progress_while_the_prompt_runs(fake):
+    fake.config["run_seconds"] = 1.0
+    provider, client_id = progress_provider(fake)
+    request = job(workflow=SMOKE)
+    pending = provider.start(request)
+    seen, out = poll(provider, request, pending.remote_id)
+    values = [p for p in seen if p is not None]
+    assert any(0 < p < 1 for p in values), seen
+    assert values == sorted(values)
+    assert all(0 <= p <= 1 for p in values)
+    assert png_size(out.data) == (64, 32)
+    # ComfyUI sends progress only to the socket of the clientId the prompt was sent with.
+    assert prompts_for(fake, JOB)[0].json()["client_id"] == client_id
+    assert fake.ws_clients == [client_id]
+
+
+def test_without_a_websocket_progress_is_none_and_polling_still_works(fake):
+    fake.config.update(run_seconds=0.5, websocket=False)
+    assert requests.get(f"{fake.url}/ws", timeout=2).status_code == 404
+    provider, _ = progress_provider(fake)
+    request = job(workflow=SMOKE)
+    pending = provider.start(request)
+    seen, out = poll(provider, request, pending.remote_id)
+    assert seen
+    assert set(seen) == {None}
+    assert png_size(out.data) == (64, 32)
+    assert fake.ws_clients == []
+
+
+@pytest.mark.parametrize("comes_back", [True, False])
+def test_a_websocket_dropped_mid_run_does_not_break_check(fake, comes_back):
+    fake.config["run_seconds"] = 1.5
+    provider, client_id = progress_provider(fake)
+    request = job(workflow=SMOKE)
+    pending = provider.start(request)
+    dropped_at: list[float] = []
+
+    def drop_once(seen):
+        if not dropped_at and seen[-1] is not None and seen[-1] < 0.5:
+            fake.config["websocket"] = comes_back
+            assert fake.drop_websockets() == 1
+            dropped_at.append(seen[-1])
+
+    seen, out = poll(provider, request, pending.remote_id, during=drop_once)
+    assert dropped_at, seen
+    assert png_size(out.data) == (64, 32)
+    after = [p for p in seen[seen.index(dropped_at[0]) :] if p is not None]
+    if comes_back:  # the listener reconnected (same clientId) and progress went on
+        assert fake.ws_clients == [client_id, client_id]
+        assert max(after) > dropped_at[0]
+    else:  # the last value heard stays (at most one step was in flight); polling finished it
+        assert fake.ws_clients == [client_id]
+        assert None not in after
+        assert max(after) < dropped_at[0] + 0.1  # 15 steps: never near 1
+
+
+def test_websocket_urls_follow_the_instance_url():
+    assert ws_url("http://gpu1:8188", "c1") == "ws://gpu1:8188/ws?clientId=c1"
+    assert ws_url("https://gpu1/api/", "a b") == "wss://gpu1/api/ws?clientId=a+b"
