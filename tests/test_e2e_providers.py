@@ -205,25 +205,29 @@ def test_no_provider_key_appears_anywhere(stack, start_worker, fakes, redis_pref
 def test_gpu_worker_runs_one_job_at_a_time_per_instance(stack, start_worker, fakes):
     env, rt, client, company = stack
     comfy = fakes["comfyui"]
-    comfy.config["run_seconds"] = 0.4
-    depth, stop = [], threading.Event()
+    comfy.config["run_seconds"] = 1.0
+    depth, progress, stop = [], set(), threading.Event()
+    ids: list[str] = []
 
     def sample():
         while not stop.is_set():
             depth.append(len(comfy.pending) + (comfy.running is not None))
-            time.sleep(0.01)
+            if ids:  # what a client polling GET /v1/jobs/<id> sees while the GPU works
+                progress.update(_view(client, company, j)["progress"] for j in list(ids))
+            time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start_worker(env, queues=["pipeline"], concurrency=2)
     start_worker(env, queues=["gpu.comfyui"], concurrency=1, pool="prefork")
-    ids = [_submit(client, company, "image", "comfyui", {"seed": n}) for n in range(3)]
+    ids.extend(_submit(client, company, "image", "comfyui", {"seed": n}) for n in range(3))
     statuses = wait_terminal(rt.engine, ids, timeout=90)
     stop.set()
     sampler.join()
     comfy.config["run_seconds"] = 0.02
     assert set(statuses.values()) == {"completed"}
     assert max(depth) == 1  # never a second prompt queued behind a running one
+    assert any(p is not None and 0 < p < 1 for p in progress)  # from ComfyUI's websocket
 
 
 def test_comfyui_job_is_not_submitted_twice_after_its_worker_dies(stack, start_worker, fakes):
