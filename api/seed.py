@@ -2,7 +2,7 @@
 
 Seed 000: POST /api/generate, GET /api/preview/<jobId>.
 Seed 002: POST /functions/v1/media-start, GET /functions/v1/media-status?jobId=.
-Both run the same use cases as /v1; only the shapes differ.
+Both run the same use cases as /v1, `Idempotency-Key` included; only the shapes differ.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 
 from api.auth import current_principal
+from api.idempotency import idempotent
 from api.jobs import load_job_view, submit
 from pipeline.errors import Forbidden, ValidationFailed
 from pipeline.jobs import JobRequest
@@ -36,16 +37,20 @@ def _number(value: str | None):
 @blp.post("/api/generate")
 def generate():
     body = _json_body()
-    settings = body.get("settings", {})
-    job = submit(JobRequest(
-        content_type=body.get("contentType"),
-        prompt=body.get("prompt"),
-        settings=settings if settings is not None else {},
-        provider=body.get("providerName") or body.get("provider"),
-        source="api.generate",
-    ))
-    return {"jobId": str(job["id"]), "status": "accepted",
-            "estimatedCost": _number(str(job["estimated_cost"]))}, 202
+
+    def run():
+        settings = body.get("settings", {})
+        job = submit(JobRequest(
+            content_type=body.get("contentType"),
+            prompt=body.get("prompt"),
+            settings=settings if settings is not None else {},
+            provider=body.get("providerName") or body.get("provider"),
+            source="api.generate",
+        ))
+        return {"jobId": str(job["id"]), "status": "accepted",
+                "estimatedCost": _number(str(job["estimated_cost"]))}, 202, {}
+
+    return idempotent("POST /api/generate", body, run)
 
 
 _SEED000_STATUS = {"pending": "pending", "queued": "pending", "processing": "processing",
@@ -74,6 +79,10 @@ def preview(job_id: str):
 @blp.post("/functions/v1/media-start")
 def media_start():
     body = _json_body()
+    return idempotent("POST /functions/v1/media-start", body, lambda: _media_start(body))
+
+
+def _media_start(body: dict):
     principal = current_principal()
     company = body.get("companyId")
     if company is not None and str(company) != str(principal.company_id):
@@ -96,7 +105,7 @@ def media_start():
         "provider": job["provider"],
         "estimated_cost": _number(str(job["estimated_cost"])),
         "message": f"Job queued for {job['provider']} processing",
-    }
+    }, 200, {}
 
 
 _SEED002_STATUS = {"pending": "queued", "queued": "queued", "processing": "processing",

@@ -316,3 +316,20 @@ def test_concurrent_requests_with_one_key_create_one_job(slow_server):
         # The first request was held in the view: the others found it running.
         assert conflicts
     assert count_jobs(rt.engine, company.company_id) == rounds
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/generate", {"contentType": "text", "prompt": "once only", "settings": {}}),
+    ("/functions/v1/media-start", {"jobType": "image", "params": {"prompt": "once only"}}),
+])
+def test_the_seed_endpoints_honour_the_key_too(client, company, runtime, path, body):
+    headers = {"Authorization": f"Bearer {company.api_key}", "Idempotency-Key": "seed-retry"}
+    first = client.post(path, headers=headers, json=body)
+    second = client.post(path, headers=headers, json=body)
+    assert first.status_code == second.status_code < 300
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert second.get_json()["jobId"] == first.get_json()["jobId"]
+    assert count_jobs(runtime.engine, company.company_id) == 1
+    other = client.post("/v1/jobs", headers=headers,
+                        json={"contentType": "text", "prompt": "once only"})
+    _assert_envelope(other, 422, "IDEMPOTENCY_KEY_REUSED")  # one key, one endpoint
