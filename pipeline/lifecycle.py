@@ -20,7 +20,14 @@ from pipeline.errors import PipelineError
 from pipeline.jobs import get_job
 from pipeline.pricing import PriceTable
 from pipeline.storage import object_key
-from pipeline.tables import TERMINAL_STATUSES, api_usage, job_attempts, jobs, media_assets
+from pipeline.tables import (
+    TERMINAL_STATUSES,
+    api_usage,
+    job_attempts,
+    job_dispatches,
+    jobs,
+    media_assets,
+)
 
 PREVIEW_CHARS = 200
 
@@ -130,39 +137,51 @@ def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str
                      .values(**values))
 
 
-def heartbeat(engine, job_id, *, remote_id: str | None = None,
-              progress: float | None = None) -> None:
-    """A sign of life from a step that holds the job (with the remote id and progress)."""
-    values = {"heartbeat_at": utcnow(), "updated_at": utcnow()}
+def _remote_state(remote_id: str | None, progress: float | None) -> dict:
+    """What a provider told us about its remote job, as column values (unknowns left out)."""
+    values = {}
     if remote_id is not None:
         values["remote_id"] = remote_id
     if progress is not None:
         values["progress"] = max(0.0, min(1.0, float(progress)))
+    return values
+
+
+def heartbeat(engine, job_id, *, remote_id: str | None = None,
+              progress: float | None = None) -> None:
+    """A sign of life from a step that holds the job (with the remote id and progress)."""
+    values = {"heartbeat_at": utcnow(), "updated_at": utcnow(),
+              **_remote_state(remote_id, progress)}
     with engine.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing")
                      .values(**values))
 
 
-def switch_provider(engine, job_id, *, from_provider: str, to_provider: str) -> bool:
-    """Move a job to its fallback provider: compare-and-set, so only one delivery does it."""
+def switch_provider(engine, job_id, *, from_provider: str, to_provider: str,
+                    to_queue: str) -> bool:
+    """Move a job to its fallback provider: compare-and-set, so only one delivery does it.
+
+    The outbox row follows, so a re-drive by the sweeper publishes to the new
+    provider's queue, not the one the job was submitted to.
+    """
     with engine.begin() as conn:
-        return bool(conn.execute(
+        switched = bool(conn.execute(
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.provider == from_provider,
                    jobs.c.status == "processing", jobs.c.output_key.is_(None))
             .values(provider=to_provider, remote_id=None, heartbeat_at=None,
                     updated_at=utcnow())
         ).rowcount)
+        if switched:
+            conn.execute(update(job_dispatches).where(job_dispatches.c.job_id == job_id)
+                         .values(queue=to_queue))
+        return switched
 
 
 def release_claim(engine, job_id, *, remote_id: str | None = None,
                   progress: float | None = None) -> None:
     """Give the job back for a scheduled retry or poll, keeping a remote id if one came."""
-    values = {"heartbeat_at": None, "updated_at": utcnow()}
-    if remote_id is not None:
-        values["remote_id"] = remote_id
-    if progress is not None:
-        values["progress"] = max(0.0, min(1.0, float(progress)))
+    values = {"heartbeat_at": None, "updated_at": utcnow(), **_remote_state(remote_id, progress)}
     with engine.begin() as conn:
         conn.execute(
             update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)

@@ -69,14 +69,13 @@ def load_request(runtime, job_id):
     return job, runtime.registry.get(job.provider), request
 
 
-def run_provider(runtime, job_id, remote_id: str | None):
+def run_provider(runtime, job_id, provider, request, remote_id: str | None):
     """Start (or poll) the provider; a finished output goes straight to storage.
 
     SaaS providers that answer Pending hand the job back (the task polls later, holding
     no worker slot). GPU providers are polled here: on the gpu queue the worker slot
     stands for the GPU, so one slot per instance keeps each instance to one job.
     """
-    _job, provider, request = load_request(runtime, job_id)
     outcome = provider.check(request, remote_id) if remote_id else provider.start(request)
     while isinstance(outcome, Pending) and provider.name in SLOT_HOLDING:
         lifecycle.heartbeat(runtime.engine, job_id, remote_id=outcome.remote_id,
@@ -113,10 +112,13 @@ def try_fallback(runtime, job_id) -> str | None:
             return None
         target = routing.fallback(conn, runtime.registry, runtime.settings.provider_env, job,
                                   hold_amount=hold.amount, prices=PriceTable.from_db(conn))
-    if target and lifecycle.switch_provider(runtime.engine, job_id, from_provider=job.provider,
-                                            to_provider=target):
+    if not target:
+        return None
+    queue = runtime.registry.queue_for(target)
+    if lifecycle.switch_provider(runtime.engine, job_id, from_provider=job.provider,
+                                 to_provider=target, to_queue=queue):
         log.warning("job %s: falling back from %s to %s", job_id, job.provider, target)
-        return runtime.registry.queue_for(target)
+        return queue
     return None
 
 
@@ -139,6 +141,7 @@ def handle_transient(task, job, claim, message: str, retry_after: float | None):
     lifecycle.release_claim(rt.engine, job.id)
     exhausted = claim.on_provider >= rt.settings.max_attempts
     with rt.engine.connect() as conn:
+        # Read now, not at claim time: any worker may have opened the circuit meanwhile.
         cooling = job.provider in circuits.open_providers(conn)
     if exhausted or cooling:
         queue = try_fallback(rt, job.id)
@@ -152,7 +155,6 @@ def handle_transient(task, job, claim, message: str, retry_after: float | None):
     log.warning("job %s: transient provider error (%s), retrying", job.id, message)
     raise task.retry(countdown=backoff(task.request.retries, retry_after),
                      max_retries=rt.settings.max_attempts + 5)
-
 
 
 def run_generate(task, job_id) -> None:
@@ -171,13 +173,13 @@ def run_generate(task, job_id) -> None:
         lifecycle.fail(rt.engine, job_id, code="TOO_MANY_ATTEMPTS",
                        message=f"Gave up after {claim.on_provider - 1} attempts.")
         raise Ignore()
-    job, _provider, _request = load_request(rt, job_id)
+    job, provider, request = load_request(rt, job_id)
     with rt.engine.connect() as conn:
         cooling = job.provider in circuits.open_providers(conn)
     if cooling and not claim.remote_id:
         handle_transient(task, job, claim, f"{job.provider} is cooling down", None)
     try:
-        pending = run_provider(rt, job_id, claim.remote_id)
+        pending = run_provider(rt, job_id, provider, request, claim.remote_id)
     except TransientError as exc:
         if circuits.record_failure(rt.engine, job.provider):
             log.error("circuit opened for provider %s", job.provider)
