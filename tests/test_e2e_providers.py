@@ -14,7 +14,7 @@ from sqlalchemy import select, text
 
 from api import create_app
 from pipeline import provider_keys
-from pipeline.tables import job_attempts
+from pipeline.tables import job_attempts, job_dispatches
 from tasks.chain import build_chain
 from tests.builders import (
     assert_wallet_matches_ledger,
@@ -167,6 +167,10 @@ def test_transient_failures_fall_back_to_the_next_provider(stack, start_worker, 
     assert _attempts(rt, job_id) == [("stability", "transient"), ("stability", "transient"),
                                      ("local", "succeeded")]
     assert Decimal(view["actualCost"]) < Decimal(view["estimatedCost"])  # held at stability's
+    with rt.engine.connect() as conn:  # a re-drive by the sweeper goes to the new queue
+        queue = conn.execute(select(job_dispatches.c.queue)
+                             .where(job_dispatches.c.job_id == job_id)).scalar_one()
+    assert queue == "local"
     assert_wallet_matches_ledger(rt.engine, company.company_id)
 
 
