@@ -20,6 +20,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso_utc(value: datetime | None) -> str | None:
+    """A stored timestamp as ISO 8601 in UTC with a Z, as the API shows it."""
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
+        return value.isoformat() + "Z"
+    return value.isoformat().replace("+00:00", "Z")
+
+
 def new_id() -> uuid.UUID:
     return uuid.uuid4()
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 from sqlalchemy import and_, select, update
 
 from pipeline import budgets, ledger, routing
-from pipeline.db import new_id, utcnow
+from pipeline.db import iso_utc, new_id, utcnow
 from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
 from pipeline.pricing import PriceTable
 from pipeline.tables import job_dispatches, jobs
@@ -175,14 +175,14 @@ def job_view(job, storage, link_ttl: int) -> dict:
         "actualCost": _money(job.actual_cost),
         "attempts": job.attempts,
         "progress": job.progress,
-        "createdAt": _iso(job.created_at),
-        "updatedAt": _iso(job.updated_at),
-        "queuedAt": _iso(job.queued_at),
-        "reservedAt": _iso(job.reserved_at),
-        "startedAt": _iso(job.started_at),
-        "storedAt": _iso(job.stored_at),
-        "settledAt": _iso(job.settled_at),
-        "completedAt": _iso(job.completed_at),
+        "createdAt": iso_utc(job.created_at),
+        "updatedAt": iso_utc(job.updated_at),
+        "queuedAt": iso_utc(job.queued_at),
+        "reservedAt": iso_utc(job.reserved_at),
+        "startedAt": iso_utc(job.started_at),
+        "storedAt": iso_utc(job.stored_at),
+        "settledAt": iso_utc(job.settled_at),
+        "completedAt": iso_utc(job.completed_at),
         "result": result,
         "preview": job.preview,
         "error": error,
@@ -191,11 +191,3 @@ def job_view(job, storage, link_ttl: int) -> dict:
 
 def _money(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
-
-
-def _iso(value) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
-        return value.isoformat() + "Z"
-    return value.isoformat().replace("+00:00", "Z")

@@ -25,7 +25,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline.config import SAAS_PROVIDERS
-from pipeline.db import new_id, utcnow
+from pipeline.db import iso_utc, new_id, utcnow
 from pipeline.errors import PipelineError, ValidationFailed
 from pipeline.tables import provider_keys
 
@@ -187,10 +187,4 @@ def rotate(engine, cipher: MultiFernet) -> int:
 
 def _public(row) -> dict:
     return {"provider": row.provider, "fingerprint": row.fingerprint,
-            "createdAt": _iso(row.created_at), "updatedAt": _iso(row.updated_at)}
-
-
-def _iso(value) -> str:
-    if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
-        return value.isoformat() + "Z"
-    return value.isoformat().replace("+00:00", "Z")
+            "createdAt": iso_utc(row.created_at), "updatedAt": iso_utc(row.updated_at)}
