@@ -26,8 +26,9 @@ run: $(STAMP) ## API + worker + beat in the foreground (PORT=8000)
 test: $(STAMP) ## the whole suite (needs PostgreSQL, Redis and RabbitMQ on localhost)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff, and the layers of the code (import-linter, .importlinter)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

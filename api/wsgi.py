@@ -7,7 +7,7 @@ def create():
     """Built per process (gunicorn calls this after fork), never at import."""
     from api import create_app
     from pipeline.config import Settings
-    from pipeline.runtime import build_runtime
+    from service.runtime import build_runtime
     from tasks.app import create_celery
     from tasks.chain import CeleryPublisher
 

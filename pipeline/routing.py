@@ -14,8 +14,8 @@ from sqlalchemy import select
 
 from pipeline import circuits
 from pipeline.errors import PipelineError, ValidationFailed
+from pipeline.provider_errors import ProviderError
 from pipeline.tables import provider_keys
-from providers.errors import ProviderError
 
 log = logging.getLogger("pipeline.routing")
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import requests
 
+from pipeline.provider import GenerationRequest, Output, Pending
+from pipeline.provider_errors import NotConfiguredError, RejectedError, TransientError
 from providers import comfyui_progress
-from providers.base import GenerationRequest, Output, Pending
 from providers.comfyui_workflows import (
     DEFAULT_CHECKPOINT,
     SAMPLERS,
     SCHEDULERS,
     sdxl_text_to_image,
 )
-from providers.errors import NotConfiguredError, RejectedError, TransientError
 from providers.http import HttpClient, Settings
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from typing import Any
 
 import requests
 
-from providers.base import GenerationRequest, Output, Pending
-from providers.errors import ProviderError, QuotaExhaustedError, RejectedError
+from pipeline.provider import GenerationRequest, Output, Pending
+from pipeline.provider_errors import ProviderError, QuotaExhaustedError, RejectedError
 from providers.http import DEFAULT_TIMEOUT, HttpClient, Settings, require_api_key
 
 DEFAULT_BASE_URL = "https://api.heygen.com"

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from providers.base import GenerationRequest
-from providers.errors import (
+from pipeline.provider import GenerationRequest
+from pipeline.provider_errors import (
     AuthError,
     NotConfiguredError,
     ProviderError,

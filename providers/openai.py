@@ -9,8 +9,8 @@ from typing import Any
 
 import requests
 
-from providers.base import CONTENT_TYPES, GenerationRequest, Output, Pending
-from providers.errors import (
+from pipeline.provider import CONTENT_TYPES, GenerationRequest, Output, Pending
+from pipeline.provider_errors import (
     AuthError,
     ContentFilteredError,
     ProviderError,

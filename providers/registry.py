@@ -6,8 +6,8 @@ import uuid
 from importlib.metadata import entry_points
 
 from pipeline.errors import ValidationFailed
-from providers.base import Provider
-from providers.errors import RejectedError
+from pipeline.provider import Provider
+from pipeline.provider_errors import RejectedError
 
 ENTRY_POINT_GROUP = "content_pipeline.providers"
 # Providers that only work with an API key (the platform's or the company's own).

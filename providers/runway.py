@@ -7,8 +7,8 @@ from typing import Any
 
 import requests
 
-from providers.base import GenerationRequest, Output, Pending
-from providers.errors import (
+from pipeline.provider import GenerationRequest, Output, Pending
+from pipeline.provider_errors import (
     ContentFilteredError,
     ProviderError,
     QuotaExhaustedError,

@@ -69,7 +69,7 @@ def create_celery(settings: Settings) -> Celery:
 def runtime_of(app):
     """The process's Runtime, built on first use (after fork, never at import)."""
     if app._runtime is None:
-        from pipeline.runtime import build_runtime
+        from service.runtime import build_runtime
         from tasks.chain import CeleryPublisher
 
         app._runtime = build_runtime(app.settings, publisher=CeleryPublisher(app))

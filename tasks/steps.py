@@ -18,8 +18,8 @@ from pipeline.budgets import BudgetExceeded
 from pipeline.errors import InsufficientCredits, PipelineError
 from pipeline.jobs import get_job
 from pipeline.pricing import PriceTable
-from providers.base import GenerationRequest, Pending
-from providers.errors import ProviderError, TransientError
+from pipeline.provider import GenerationRequest, Pending
+from pipeline.provider_errors import ProviderError, TransientError
 from providers.registry import KEYED
 from tasks import names
 from tasks.base import JobTask

@@ -21,8 +21,8 @@ import redis
 
 from pipeline.config import Settings
 from pipeline.db import init_db
-from pipeline.runtime import build_runtime
-from pipeline.stack import free_port, worker_command
+from service.runtime import build_runtime
+from service.stack import free_port, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -14,9 +14,9 @@ from pipeline.audit import CHECKS, Finding, audit, summary
 from pipeline.config import Settings
 from pipeline.db import init_db, new_id, utcnow
 from pipeline.jobs import JobRequest, Principal, submit_job
-from pipeline.runtime import build_runtime
+from pipeline.provider import Output
 from pipeline.tables import credit_holds, jobs, transactions, wallets
-from providers.base import Output
+from service.runtime import build_runtime
 from tests.builders import make_company
 
 TTL = 3600

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from api import create_app
 from pipeline.config import Settings
 from pipeline.db import init_db
-from pipeline.runtime import build_runtime
+from service.runtime import build_runtime
 from tests.builders import make_company, wait_for
 from tests.conftest import ROOT, distributed_env
 
@@ -39,7 +39,7 @@ def test_beat_audits_the_ledger_and_metrics_and_cli_report_findings(
 
     wait_for(lambda: _metric(client, "balance_mismatch") == 0.0, timeout=30,
              message="a clean audit in /metrics")
-    cli = [sys.executable, "-m", "pipeline.cli", "ledger", "audit"]
+    cli = [sys.executable, "-m", "service.cli", "ledger", "audit"]
     clean = subprocess.run(cli, cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                            text=True, timeout=60, check=False)
     assert clean.returncode == 0, clean.stderr

@@ -13,8 +13,8 @@ import requests
 
 from api import create_app
 from pipeline.config import Settings
-from pipeline.demo import check_file
 from pipeline.sweeper import sweep
+from service.demo import check_file
 from tasks.app import create_celery
 from tasks.chain import CeleryPublisher
 from tests.builders import (
@@ -163,7 +163,7 @@ def test_embedded_default_demo_runs_every_content_type(tmp_path):
                         "PUBLIC_URL", "S3_ENDPOINT_URL")}
     env.update({"PIPELINE_DATA_DIR": str(tmp_path / "var"),
                 "PIPELINE_ENV_FILE": str(tmp_path / "no.env")})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--json"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "demo", "--json"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{"):])

@@ -31,8 +31,6 @@ from api import create_app
 from pipeline import budgets
 from pipeline.config import Settings
 from pipeline.db import init_db, insert_ignore, new_id
-from pipeline.runtime import build_runtime
-from pipeline.stack import free_port
 from pipeline.tables import (
     credit_holds,
     job_attempts,
@@ -42,6 +40,8 @@ from pipeline.tables import (
     transactions,
     wallets,
 )
+from service.runtime import build_runtime
+from service.stack import free_port
 from tasks.app import create_celery
 from tasks.chain import CeleryPublisher, build_chain
 from tasks.names import ALL_QUEUES
@@ -74,8 +74,8 @@ import random
 import time
 from pathlib import Path
 
-from providers.base import Output
-from providers.errors import ProviderError, RejectedError, TransientError
+from pipeline.provider import Output
+from pipeline.provider_errors import ProviderError, RejectedError, TransientError
 
 TOKENS = 10  # the estimate; a job reports 1 to 10
 # Shared by every worker process: which flaky jobs have had their one failure.

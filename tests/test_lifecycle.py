@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from pipeline import lifecycle, sweeper
 from pipeline.jobs import JobRequest, Principal, get_job, submit_job
+from pipeline.provider import GenerationRequest
 from pipeline.tables import api_usage, credit_holds, transactions
-from providers.base import GenerationRequest
 from providers.local import LocalProvider
 from tests.builders import assert_wallet_matches_ledger, make_company, wallet_of
 

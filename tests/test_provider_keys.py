@@ -14,8 +14,8 @@ from api.provider_keys import blp
 from pipeline import provider_keys as pk
 from pipeline.config import Settings
 from pipeline.db import init_db, make_engine
-from pipeline.runtime import build_runtime
 from pipeline.tables import provider_keys
+from service.runtime import build_runtime
 from tests.builders import auth, make_company
 from tests.conftest import distributed_env
 

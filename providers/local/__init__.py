@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from providers.base import GenerationRequest, Output, Pending
-from providers.errors import ProviderError
+from pipeline.provider import GenerationRequest, Output, Pending
+from pipeline.provider_errors import ProviderError
 from providers.local import audio, image, text, video
 from providers.local.settings import PROVIDER_NAME, reject
 

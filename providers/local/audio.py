@@ -7,7 +7,7 @@ import wave
 from dataclasses import dataclass
 from typing import Any
 
-from providers.base import Output
+from pipeline.provider import Output
 from providers.local import espeak
 from providers.local.settings import int_setting, reject, str_setting
 

@@ -9,7 +9,7 @@ import time
 from array import array
 from dataclasses import dataclass
 
-from providers.errors import ProviderError
+from pipeline.provider_errors import ProviderError
 from providers.local.settings import PROVIDER_NAME
 
 # Values from espeak-ng's speak_lib.h.

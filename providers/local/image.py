@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from providers.base import Output
+from pipeline.provider import Output
 from providers.local import drawing
 from providers.local.settings import int_setting, reject, size_setting
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from providers.errors import RejectedError
+from pipeline.provider_errors import RejectedError
 
 PROVIDER_NAME = "local"
 

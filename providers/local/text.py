@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from providers.base import Output
+from pipeline.provider import Output
 from providers.local.settings import int_setting
 
 MODEL = "local-dev-text"

@@ -13,8 +13,8 @@ from typing import Any
 
 from PIL import ImageChops, ImageDraw
 
-from providers.base import Output
-from providers.errors import ProviderError
+from pipeline.provider import Output
+from pipeline.provider_errors import ProviderError
 from providers.local import audio, drawing, espeak
 from providers.local.settings import PROVIDER_NAME, int_setting
 

@@ -11,10 +11,10 @@ import pytest
 import requests
 import websocket
 
-from providers.base import GenerationRequest, Output, Pending
+from pipeline.provider import GenerationRequest, Output, Pending
+from pipeline.provider_errors import NotConfiguredError, RejectedError, TransientError
 from providers.comfyui import ComfyUIProvider, prompt_id_for
 from providers.comfyui_progress import ws_url
-from providers.errors import NotConfiguredError, RejectedError, TransientError
 from tests.fakes.base import Reply
 from tests.fakes.comfyui import FakeComfyUI, ws_accept
 from tests.fakes.media import PNG_SIGNATURE

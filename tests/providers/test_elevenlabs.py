@@ -6,9 +6,8 @@ import time
 
 import pytest
 
-from providers.base import GenerationRequest
-from providers.elevenlabs import ERROR_CODES, ElevenLabsProvider
-from providers.errors import (
+from pipeline.provider import GenerationRequest
+from pipeline.provider_errors import (
     AuthError,
     NotConfiguredError,
     ProviderError,
@@ -16,6 +15,7 @@ from providers.errors import (
     RejectedError,
     TransientError,
 )
+from providers.elevenlabs import ERROR_CODES, ElevenLabsProvider
 from tests.fakes.base import Reply
 from tests.fakes.elevenlabs import FakeElevenLabs
 

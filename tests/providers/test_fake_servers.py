@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from providers.base import GenerationRequest
-from providers.errors import QuotaExhaustedError
+from pipeline.provider import GenerationRequest
+from pipeline.provider_errors import QuotaExhaustedError
 from providers.openai import OpenAIProvider
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from providers.base import GenerationRequest, Output, Pending
-from providers.errors import (
+from pipeline.provider import GenerationRequest, Output, Pending
+from pipeline.provider_errors import (
     AuthError,
     NotConfiguredError,
     ProviderError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from providers.errors import (
+from pipeline.provider_errors import (
     AuthError,
     NotConfiguredError,
     QuotaExhaustedError,

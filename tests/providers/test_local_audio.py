@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from providers.base import GenerationRequest, Output
-from providers.errors import RejectedError
+from pipeline.provider import GenerationRequest, Output
+from pipeline.provider_errors import RejectedError
 from providers.local import LocalProvider
 
 PROMPT = "The lighthouse keeper climbed the stairs every evening at sunset."

@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from providers.base import GenerationRequest
-from providers.errors import RejectedError
+from pipeline.provider import GenerationRequest
+from pipeline.provider_errors import RejectedError
 from providers.local import LocalProvider
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from providers.base import CONTENT_TYPES, GenerationRequest, Output, Provider
-from providers.errors import ProviderError, RejectedError
+from pipeline.provider import CONTENT_TYPES, GenerationRequest, Output, Provider
+from pipeline.provider_errors import ProviderError, RejectedError
 from providers.local import LocalProvider
 
 SMALL_SETTINGS = {

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from providers.base import GenerationRequest
-from providers.errors import RejectedError
+from pipeline.provider import GenerationRequest
+from pipeline.provider_errors import RejectedError
 from providers.local import LocalProvider
 
 PROMPT = "Write a short note about lighthouses and the people who kept them"

@@ -13,8 +13,8 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-from providers.base import GenerationRequest, Output
-from providers.errors import ProviderError, RejectedError
+from pipeline.provider import GenerationRequest, Output
+from pipeline.provider_errors import ProviderError, RejectedError
 from providers.local import LocalProvider
 
 PROMPT = "A lighthouse beam sweeping over the sea."

@@ -7,8 +7,8 @@ from email.utils import formatdate
 
 import pytest
 
-from providers.base import GenerationRequest, Output, Pending
-from providers.errors import (
+from pipeline.provider import GenerationRequest, Output, Pending
+from pipeline.provider_errors import (
     AuthError,
     ContentFilteredError,
     NotConfiguredError,

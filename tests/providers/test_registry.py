@@ -13,7 +13,7 @@ from providers.registry import build_registry, queue_for
 
 PLUGIN = '''
 """A third-party provider, installed as a package; no edit to the pipeline's code."""
-from providers.base import Output
+from pipeline.provider import Output
 
 
 class EchoProvider:
@@ -50,7 +50,7 @@ def test_a_provider_installed_as_a_package_registers_itself(tmp_path):
         "import json; from pipeline.config import Settings;"
         "from providers.registry import build_registry;"
         "r = build_registry(Settings.from_env());"
-        "out = r.get('echo').start(__import__('providers.base').base.GenerationRequest("
+        "out = r.get('echo').start(__import__('pipeline.provider').provider.GenerationRequest("
         "'j', 'text', 'hi there'));"
         "print(json.dumps({'names': r.names(), 'data': out.data.decode(),"
         " 'usable': sorted(r.platform_configured())}))"

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from providers.base import GenerationRequest
-from providers.errors import (
+from pipeline.provider import GenerationRequest
+from pipeline.provider_errors import (
     AuthError,
     ContentFilteredError,
     NotConfiguredError,

@@ -53,7 +53,7 @@ class Provider(Protocol):
 
     Synchronous providers return an Output from `start`. Asynchronous ones return
     Pending; the worker persists `remote_id` at once and later calls `check` until it
-    returns an Output. Every method raises only `providers.errors.ProviderError`
+    returns an Output. Every method raises only `pipeline.provider_errors.ProviderError`
     subclasses for vendor trouble.
     """
 

@@ -21,7 +21,7 @@ def _emit(args, data: dict, lines: list[str]) -> None:
 
 
 def _runtime(settings: Settings, *, with_publisher: bool = False):
-    from pipeline.runtime import build_runtime
+    from service.runtime import build_runtime
 
     publisher = None
     if with_publisher:
@@ -163,7 +163,7 @@ def cmd_sweep(args, settings):
 
 
 def cmd_worker(args, settings):
-    from pipeline.stack import worker_command
+    from service.stack import worker_command
     from tasks.names import QUEUE_FAMILIES
 
     queues: list[str] = []
@@ -181,7 +181,7 @@ def cmd_beat(args, settings):
 
 def cmd_run(args, settings):
     from pipeline.accounts import create_company
-    from pipeline.stack import Stack, port_is_free
+    from service.stack import Stack, port_is_free
 
     if not port_is_free(args.host, args.port):
         sys.exit(f"port {args.port} is in use; pass --port to choose another")
@@ -211,7 +211,7 @@ def cmd_run(args, settings):
 
 
 def cmd_demo(args, settings):
-    from pipeline.demo import run_demo
+    from service.demo import run_demo
 
     sys.exit(run_demo(settings, port=args.port, as_json=args.json))
 

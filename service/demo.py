@@ -42,8 +42,8 @@ def say(as_json: bool, line: str = "") -> None:
 
 def run_demo(settings: Settings, *, port: int = 0, as_json: bool = False) -> int:
     from pipeline.accounts import create_company
-    from pipeline.cli import _ensure_db, _runtime
-    from pipeline.stack import Stack, free_port
+    from service.cli import _ensure_db, _runtime
+    from service.stack import Stack, free_port
 
     port = port or free_port()
     settings = Settings.from_env(public_url=f"http://127.0.0.1:{port}")
