@@ -1,1 +1,2 @@
-"""The processes around the core: the `pipeline` command, the demo, the local process supervisor, and the one place that wires concrete pieces together (the runtime)."""
+"""The processes around the core: the `pipeline` command, the demo, the local supervisor,
+and the runtime (the one place that wires concrete pieces together)."""
