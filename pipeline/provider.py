@@ -21,6 +21,19 @@ class GenerationRequest:
     prompt: str
     settings: dict[str, Any] = field(default_factory=dict)
     credentials: dict[str, str] = field(default_factory=dict, repr=False)
+    # For providers with several instances (ComfyUI): the one this job holds a lease on.
+    # A fresh start submits there; None means the adapter may choose.
+    instance: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One more file of a generation that made several (a batch, a graph with two outputs)."""
+
+    data: bytes = field(repr=False)
+    mime_type: str
+    extension: str
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,8 @@ class Output:
 
     `usage` is in the price table's units for this provider (for example
     {"tokens": 812}, {"characters": 240}, {"seconds": 5}, {"images": 1});
-    pricing turns it into credits.
+    pricing turns it into credits, and it covers every file, `more` included.
+    `data` is the main file (the job's result); `more` holds the others, stored beside it.
     """
 
     data: bytes = field(repr=False)
@@ -37,6 +51,7 @@ class Output:
     extension: str
     usage: dict[str, float]
     metadata: dict[str, Any] = field(default_factory=dict)
+    more: tuple[OutputFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,3 +84,16 @@ class Provider(Protocol):
     def check(self, request: GenerationRequest, remote_id: str) -> Output | Pending: ...
 
     def cancel(self, request: GenerationRequest, remote_id: str) -> None: ...
+
+
+class MultiInstance(Protocol):
+    """A provider spread over instances of its own (ComfyUI, one per GPU).
+
+    The worker leases one instance per job (one running prompt per instance across every
+    worker), passes it as `GenerationRequest.instance`, and keeps a circuit breaker per
+    instance. `instance_of` says which instance a saved remote id lives on.
+    """
+
+    def instances(self) -> list[str]: ...
+
+    def instance_of(self, remote_id: str) -> str: ...
