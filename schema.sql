@@ -90,8 +90,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     estimated_cost NUMERIC(20, 6) NOT NULL,
     actual_cost NUMERIC(20, 6),
     attempts INTEGER NOT NULL DEFAULT 0,
+    provider_pinned BOOLEAN NOT NULL DEFAULT false,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    wake_at TIMESTAMPTZ,
+    deadline_at TIMESTAMPTZ,
     queued_at TIMESTAMPTZ,
     reserved_at TIMESTAMPTZ,
     started_at TIMESTAMPTZ,
@@ -109,6 +112,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS ix_jobs_company_created ON jobs (company_id, created_at);
 -- The sweeper's scans: jobs by status and age of their last sign of life.
 CREATE INDEX IF NOT EXISTS ix_jobs_status_heartbeat ON jobs (status, heartbeat_at);
+-- Columns added after the first release, for databases made before them (until migrations):
+-- provider_pinned: the caller named the provider, so the job never runs elsewhere;
+-- wake_at: when a released job's scheduled retry or poll is due (the sweeper waits for it);
+-- deadline_at: when the provider's remote work must be done, or be cancelled.
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS provider_pinned BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS wake_at TIMESTAMPTZ;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS deadline_at TIMESTAMPTZ;
 
 -- The outbox: written with the job in one transaction, relayed to the broker after.
 CREATE TABLE IF NOT EXISTS job_dispatches (
@@ -279,7 +289,18 @@ CREATE TABLE IF NOT EXISTS job_attempts (
     CONSTRAINT uq_job_attempts_job_number UNIQUE (job_id, number)
 );
 
+-- One running job per instance of a multi-instance provider (a ComfyUI GPU) across every
+-- worker and machine: a row per instance, taken by a conditional UPDATE, renewed by the
+-- holder's heartbeat, free again when released or past its expiry (its worker died).
+CREATE TABLE IF NOT EXISTS provider_leases (
+    resource TEXT PRIMARY KEY,
+    job_id UUID,
+    expires_at TIMESTAMPTZ,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
 -- Per-provider circuit breaker, shared by every worker through the database.
+-- A multi-instance provider has one per instance too, keyed "<provider>@<instance>".
 CREATE TABLE IF NOT EXISTS provider_circuits (
     provider TEXT PRIMARY KEY,
     consecutive_failures INTEGER NOT NULL DEFAULT 0,

@@ -1,7 +1,9 @@
 """Per-provider circuit breakers, shared by every worker through the database.
 
 After `threshold` consecutive transient failures a provider is skipped for `cooldown`
-seconds; the first success closes it again. Routing avoids open circuits, and the
+seconds; the first success closes it again. A multi-instance provider (ComfyUI) has one
+circuit per instance ("comfyui@<url>"): one restarting instance cools only itself, and the
+provider counts as cooling only when every instance does. Routing avoids open circuits, and the
 generate step falls back to the next provider when the one it has is open.
 """
 
@@ -16,6 +18,11 @@ from pipeline.tables import provider_circuits
 
 THRESHOLD = 5
 COOLDOWN_SECONDS = 30
+
+
+def instance_key(provider: str, instance: str) -> str:
+    """The circuit of one instance of a multi-instance provider (a ComfyUI server)."""
+    return f"{provider}@{instance}"
 
 
 def open_providers(conn) -> set[str]:

@@ -64,9 +64,17 @@ class Settings:
     link_ttl_seconds: int = 3600
     # A hold must outlive the longest a job can take: queue wait + provider time + retries.
     hold_timeout_seconds: int = 3600
-    # How long a job may show no progress before the sweeper re-drives it. It must exceed
-    # the generate step's hard time limit, or a slow but healthy call would be started twice.
-    stale_after_seconds: int = 400
+    # How long a job may show no sign of life before the sweeper re-drives it. A live
+    # worker renews the heartbeat every stale_after/5 seconds during provider calls,
+    # uploads and GPU polls, so staleness means "the worker is gone", not "the call is slow".
+    stale_after_seconds: int = 60
+    # A job still queued (its chain published, no worker has taken it) this long is
+    # published again, in case its message was lost. Longer than stale_after: under a
+    # backlog, messages wait their turn, and each re-publish is a duplicate to skip.
+    requeue_after_seconds: int = 600
+    # How long a generate step keeps retrying an output it already has (paid for) into
+    # storage, with backoff, before it gives up; the vendor is never asked again.
+    storage_retry_seconds: int = 300
     # Jobs left pending longer than this are re-published by the sweeper (outbox relay).
     dispatch_grace_seconds: int = 5
     sweep_interval_seconds: float = 5.0
@@ -110,7 +118,9 @@ class Settings:
             "max_prompt_length": number("MAX_PROMPT_LENGTH", 4000),
             "link_ttl_seconds": number("LINK_TTL_SECONDS", 3600),
             "hold_timeout_seconds": number("HOLD_TIMEOUT_SECONDS", 3600),
-            "stale_after_seconds": number("STALE_AFTER_SECONDS", 400),
+            "stale_after_seconds": number("STALE_AFTER_SECONDS", 60),
+            "requeue_after_seconds": number("REQUEUE_AFTER_SECONDS", 600),
+            "storage_retry_seconds": number("STORAGE_RETRY_SECONDS", 300),
             "dispatch_grace_seconds": number("DISPATCH_GRACE_SECONDS", 5),
             "sweep_interval_seconds": number("SWEEP_INTERVAL_SECONDS", 5.0, float),
             "audit_interval_seconds": number("AUDIT_INTERVAL_SECONDS", 300.0, float),
@@ -120,7 +130,8 @@ class Settings:
             "provider_env": {
                 k: v
                 for k, v in env.items()
-                if k.endswith(("_API_KEY", "_BASE_URL")) or k.startswith(("COMFY", "ROUTE_"))
+                if k.endswith(("_API_KEY", "_BASE_URL", "_DEADLINE_SECONDS"))
+                or k.startswith(("COMFY", "ROUTE_"))
             },
         }
         values.update(overrides)

@@ -92,6 +92,7 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
             "prompt": req.prompt,
             "settings": req.settings,
             "estimated_cost": estimate,
+            "provider_pinned": bool(req.provider),
         }
         conn.execute(jobs.insert().values(**row))
         conn.execute(
@@ -163,6 +164,13 @@ def job_view(job, storage, link_ttl: int) -> dict:
             "size": job.result["size"],
             "metadata": job.result.get("metadata", {}),
         }
+        if job.result.get("files"):
+            # A generation that made several files: the first is `url`, the others here.
+            result["files"] = [
+                {"url": storage.url(f["key"], link_ttl), "contentType": f["mimeType"],
+                 "size": f["size"], "metadata": f.get("metadata", {})}
+                for f in job.result["files"]
+            ]
     error = None
     if job.error:
         error = {"code": job.error_code or "INTERNAL_ERROR", "message": job.error}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 
 from pipeline import budgets, ledger
 from pipeline.db import insert_ignore, new_id, utcnow
@@ -36,12 +36,14 @@ log = logging.getLogger("pipeline.lifecycle")
 
 @dataclass(frozen=True)
 class Claim:
-    """What the generate step should do for this delivery."""
+    """This delivery holds the job: start the provider (no remote id yet) or poll it."""
 
-    action: str  # "run" | "skip" (terminal or done) | "busy" (another worker holds it)
-    remote_id: str | None = None
-    attempts: int = 0  # provider starts for this job, every provider together
-    on_provider: int = 0  # starts on the job's current provider (fallback starts anew)
+    remote_id: str | None
+    deadline_at: datetime | None
+
+    @property
+    def fresh_start(self) -> bool:
+        return self.remote_id is None
 
 
 def _job(engine, job_id):
@@ -72,25 +74,21 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
     return True
 
 
-def claim_generation(engine, job_id, *, stale_after: int) -> Claim:
-    """Take the job for this delivery, unless it is finished or alive in another worker.
+def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
+    """Take the job for this delivery; None when it is finished or alive in another worker.
 
     A job is claimable when it has not started, when its claim was released for a
-    retry (no heartbeat), or when its heartbeat is stale (the worker died).
+    scheduled retry or poll (no heartbeat), or when its heartbeat is stale (the worker
+    died). Start versus poll is read from the row this same statement claims, so two
+    deliveries can never both decide to start.
     """
     now = utcnow()
     with engine.begin() as conn:
-        job = get_job(conn, job_id)
-        if job.output_key is not None:
-            return Claim("skip")
-        if job.status in TERMINAL_STATUSES:
-            # A remote job still running for a job we ended is the caller's to cancel.
-            return Claim("skip", job.remote_id)
-        fresh_start = job.remote_id is None
-        taken = conn.execute(
+        row = conn.execute(
             update(jobs)
             .where(
                 jobs.c.id == job_id,
+                jobs.c.output_key.is_(None),
                 or_(
                     jobs.c.status.in_(("pending", "queued")),
                     and_(
@@ -102,26 +100,45 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim:
                     ),
                 ),
             )
-            .values(
-                status="processing",
-                attempts=jobs.c.attempts + (1 if fresh_start else 0),
-                started_at=job.started_at or now,
-                heartbeat_at=now,
-                updated_at=now,
-            )
-        ).rowcount
-        if not taken:
-            return Claim("busy")
-        attempts = job.attempts + (1 if fresh_start else 0)
-        if fresh_start:
-            insert_ignore(conn, job_attempts, {"id": new_id(), "job_id": job.id,
-                                               "number": attempts, "provider": job.provider},
-                          ["job_id", "number"])
+            .values(status="processing", started_at=func.coalesce(jobs.c.started_at, now),
+                    heartbeat_at=now, wake_at=None, updated_at=now)
+            .returning(jobs.c.remote_id, jobs.c.deadline_at)
+        ).first()
+    return Claim(row.remote_id, _aware(row.deadline_at)) if row else None
+
+
+def begin_attempt(engine, job_id, provider: str, *, deadline_at: datetime) -> tuple[int, int]:
+    """Count a provider start (the claim holder's alone): (attempts, starts on this provider).
+
+    Redeliveries count too (a worker killed mid-call starts again), which is what bounds
+    them: Celery has no redelivery limit of its own.
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        attempts = conn.execute(
+            update(jobs).where(jobs.c.id == job_id)
+            .values(attempts=jobs.c.attempts + 1, deadline_at=deadline_at, updated_at=now)
+            .returning(jobs.c.attempts)
+        ).scalar_one()
+        insert_ignore(conn, job_attempts, {"id": new_id(), "job_id": job_id, "number": attempts,
+                                           "provider": provider}, ["job_id", "number"])
         on_provider = conn.execute(
             select(func.count()).select_from(job_attempts)
-            .where(job_attempts.c.job_id == job.id, job_attempts.c.provider == job.provider)
+            .where(job_attempts.c.job_id == job_id, job_attempts.c.provider == provider)
         ).scalar_one()
-        return Claim("run", job.remote_id, attempts, on_provider)
+    return attempts, on_provider
+
+
+def current_attempt(engine, job_id) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(jobs.c.attempts).where(jobs.c.id == job_id)).scalar_one()
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
 
 
 def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str | None = None,
@@ -138,23 +155,32 @@ def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str
 
 
 def _remote_state(remote_id: str | None, progress: float | None) -> dict:
-    """What a provider told us about its remote job, as column values (unknowns left out)."""
+    """What a provider told us about its remote job, as column values (unknowns left out).
+
+    Progress only moves forward: a provider that reports per step or per node, or a
+    restarted worker that hears less than its predecessor, never makes it go back.
+    """
     values = {}
     if remote_id is not None:
         values["remote_id"] = remote_id
     if progress is not None:
-        values["progress"] = max(0.0, min(1.0, float(progress)))
+        fraction = max(0.0, min(1.0, float(progress)))
+        values["progress"] = case(
+            (or_(jobs.c.progress.is_(None), jobs.c.progress < fraction), fraction),
+            else_=jobs.c.progress,
+        )
     return values
 
 
 def heartbeat(engine, job_id, *, remote_id: str | None = None,
-              progress: float | None = None) -> None:
-    """A sign of life from a step that holds the job (with the remote id and progress)."""
+              progress: float | None = None) -> bool:
+    """A sign of life from a step that holds the job; False when it is no longer processing."""
     values = {"heartbeat_at": utcnow(), "updated_at": utcnow(),
               **_remote_state(remote_id, progress)}
     with engine.begin() as conn:
-        conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing")
-                     .values(**values))
+        return bool(conn.execute(
+            update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing")
+            .values(**values)).rowcount)
 
 
 def switch_provider(engine, job_id, *, from_provider: str, to_provider: str,
@@ -170,7 +196,7 @@ def switch_provider(engine, job_id, *, from_provider: str, to_provider: str,
             .where(jobs.c.id == job_id, jobs.c.provider == from_provider,
                    jobs.c.status == "processing", jobs.c.output_key.is_(None))
             .values(provider=to_provider, remote_id=None, heartbeat_at=None,
-                    updated_at=utcnow())
+                    deadline_at=None, progress=None, updated_at=utcnow())
         ).rowcount)
         if switched:
             conn.execute(update(job_dispatches).where(job_dispatches.c.job_id == job_id)
@@ -178,20 +204,39 @@ def switch_provider(engine, job_id, *, from_provider: str, to_provider: str,
         return switched
 
 
-def release_claim(engine, job_id, *, remote_id: str | None = None,
+def release_claim(engine, job_id, *, wake_in: float = 0.0, remote_id: str | None = None,
                   progress: float | None = None) -> None:
-    """Give the job back for a scheduled retry or poll, keeping a remote id if one came."""
-    values = {"heartbeat_at": None, "updated_at": utcnow(), **_remote_state(remote_id, progress)}
+    """Give the job back for a retry or poll due in `wake_in` seconds, keeping a remote id.
+
+    `wake_at` tells the sweeper when the scheduled message is due, so a job waiting out a
+    long Retry-After is not mistaken for one whose message was lost.
+    """
+    now = utcnow()
+    values = {"heartbeat_at": None, "updated_at": now,
+              "wake_at": now + timedelta(seconds=wake_in), **_remote_state(remote_id, progress)}
     with engine.begin() as conn:
         conn.execute(
             update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)
         )
 
 
-def save_output(engine, storage, job_id, output) -> str:
-    """Put the provider's bytes in storage and record where; returns the key."""
-    job = _job(engine, job_id)
+def _file_record(key: str, data: bytes, mime_type: str, metadata: dict) -> dict:
+    return {"key": key, "mimeType": mime_type, "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "metadata": metadata}
+
+
+def save_output(engine, storage, job, output) -> str:
+    """Put the provider's bytes (every file of them) in storage and record where.
+
+    Raises the storage's errors (`StorageError.retryable` says whether to try again);
+    puts are idempotent (same key, same bytes), so a retry simply writes them again.
+    """
     key = object_key(job.company_id, job.id, f"output.{output.extension}")
+    extra = []
+    for number, more in enumerate(output.more, start=2):
+        more_key = object_key(job.company_id, job.id, f"output-{number}.{more.extension}")
+        storage.put(more_key, more.data, more.mime_type)
+        extra.append(_file_record(more_key, more.data, more.mime_type, more.metadata))
     storage.put(key, output.data, output.mime_type)
     record = {
         "mimeType": output.mime_type,
@@ -200,10 +245,12 @@ def save_output(engine, storage, job_id, output) -> str:
         "usage": output.usage,
         "metadata": output.metadata,
     }
+    if extra:
+        record["files"] = extra
     with engine.begin() as conn:
         conn.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.output_key.is_(None))
+            .where(jobs.c.id == job.id, jobs.c.output_key.is_(None))
             .values(output_key=key, output=record, heartbeat_at=utcnow(), updated_at=utcnow())
         )
     return key
@@ -241,6 +288,9 @@ def store(engine, storage, job_id) -> bool:
         preview = storage.get(job.output_key).decode("utf-8", "replace")[:PREVIEW_CHARS]
     result = {"key": job.output_key, "mimeType": out["mimeType"], "size": out["size"],
               "metadata": out.get("metadata", {})}
+    if out.get("files"):
+        result["files"] = [{k: f[k] for k in ("key", "mimeType", "size", "metadata")}
+                           for f in out["files"]]
     with engine.begin() as conn:
         insert_ignore(
             conn,
@@ -340,5 +390,8 @@ def fail_for_credits(engine, job_id, exc: PipelineError) -> bool:
 
 def touch(engine, job_id) -> None:
     """Note that the sweeper re-drove the job, so the next sweep waits a full window."""
+    now = utcnow()
     with engine.begin() as conn:
-        conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=utcnow()))
+        conn.execute(update(jobs).where(jobs.c.id == job_id)
+                     .values(updated_at=now, wake_at=case((jobs.c.wake_at.is_(None), None),
+                                                          else_=now)))

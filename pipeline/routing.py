@@ -12,14 +12,14 @@ import logging
 
 from sqlalchemy import select
 
-from pipeline import circuits
+from pipeline import catalogue, circuits
 from pipeline.errors import PipelineError, ValidationFailed
 from pipeline.provider_errors import ProviderError
 from pipeline.tables import provider_keys
 
 log = logging.getLogger("pipeline.routing")
 
-DEFAULT_ORDER = ("openai", "stability", "elevenlabs", "runway", "heygen", "comfyui", "local")
+DEFAULT_ORDER = catalogue.DEFAULT_ORDER
 
 
 class ProviderUnavailable(PipelineError):
@@ -61,7 +61,7 @@ def choose(conn, registry, routes, company_id, *, content_type: str,
     if not candidates:
         raise ValidationFailed(f"No configured provider generates {content_type}.",
                                details={"field": "contentType"})
-    cooling = circuits.open_providers(conn)
+    cooling = cooling_providers(conn, registry)
     for name in candidates:
         if name not in cooling:
             return name
@@ -70,14 +70,32 @@ def choose(conn, registry, routes, company_id, *, content_type: str,
         "try again shortly.", details={"providers": candidates})
 
 
+# Settings every provider of a content type reads the same way. A job carrying any other
+# setting (a ComfyUI workflow, a voice id, a model) meant that provider: it never falls back.
+PORTABLE_SETTINGS = frozenset({"width", "height", "size", "maxTokens", "duration"})
+
+
+def explicit_route(routes: dict[str, str], content_type: str) -> bool:
+    return bool(routes.get(f"ROUTE_{content_type.upper()}", "").strip())
+
+
 def fallback(conn, registry, routes, job, *, hold_amount, prices) -> str | None:
-    """The next provider after the job's current one that fits its hold, or None."""
+    """The next provider after the job's current one that may take it, or None.
+
+    Never for a job that named its provider or carries provider-specific settings; never
+    to the `local` development renderer unless ROUTE_<TYPE> names it; only a provider that
+    accepts the job's settings and whose price fits the hold.
+    """
+    if job.provider_pinned or set(job.settings or {}) - PORTABLE_SETTINGS:
+        return None
     order = order_for(routes, job.content_type)
     if job.provider not in order:
         return None
+    if not explicit_route(routes, job.content_type):
+        order = tuple(name for name in order if name != "local")
     usable = configured_for(conn, registry, job.company_id)
-    cooling = circuits.open_providers(conn)
-    for name in order[order.index(job.provider) + 1:]:
+    cooling = cooling_providers(conn, registry)
+    for name in order[order.index(job.provider) + 1:] if job.provider in order else ():
         if name not in usable or name in cooling:
             continue
         provider = registry.get(name)
@@ -92,3 +110,14 @@ def fallback(conn, registry, routes, job, *, hold_amount, prices) -> str | None:
         if cost <= hold_amount:
             return name
     return None
+
+
+def cooling_providers(conn, registry) -> set[str]:
+    """Providers whose circuit is open; a multi-instance one when every instance's is."""
+    open_keys = circuits.open_providers(conn)
+    cooling = {key for key in open_keys if "@" not in key}
+    for name in registry.names():
+        instances = registry.instances(name)
+        if instances and all(circuits.instance_key(name, i) in open_keys for i in instances):
+            cooling.add(name)
+    return cooling

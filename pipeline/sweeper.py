@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 
 from pipeline import idempotency, ledger, lifecycle
 from pipeline import jobs as jobs_uc
@@ -46,21 +46,40 @@ def relay_outbox(engine, publisher, *, grace_seconds: int, batch: int = 100) -> 
     return sent
 
 
-def redrive_stuck(engine, publisher, *, stale_seconds: int, batch: int = 100) -> int:
-    """Publish the chain again for live jobs that show no sign of progress.
+def redrive_stuck(engine, publisher, *, stale_seconds: int, requeue_seconds: int,
+                  batch: int = 100) -> int:
+    """Publish the chain again for live jobs whose worker is gone or whose message was lost.
+
+    - processing with a heartbeat older than `stale_seconds`: the worker died (a live one
+      renews it during provider calls, uploads and GPU polls);
+    - processing, released for a retry or poll whose time (`wake_at`) passed more than
+      `stale_seconds` ago: that scheduled message was lost;
+    - queued for longer than `requeue_seconds`: its message may be lost, or may wait in a
+      backlog (so this window is long: each re-publish is a duplicate for the steps to skip).
 
     Every step is idempotent, so a re-driven chain skips what is done: the hold is
     found, a stored output is not generated again, a settled job is left alone.
     """
-    cutoff = utcnow() - timedelta(seconds=stale_seconds)
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_seconds)
+    requeue = now - timedelta(seconds=requeue_seconds)
     with engine.connect() as conn:
         rows = conn.execute(
             select(jobs.c.id, job_dispatches.c.queue)
             .join(job_dispatches, job_dispatches.c.job_id == jobs.c.id)
             .where(
-                jobs.c.status.in_(("queued", "processing")),
-                jobs.c.updated_at < cutoff,
-                or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < cutoff),
+                or_(
+                    and_(jobs.c.status == "queued", jobs.c.updated_at < requeue),
+                    and_(
+                        jobs.c.status == "processing",
+                        jobs.c.updated_at < stale,
+                        or_(
+                            jobs.c.heartbeat_at < stale,
+                            and_(jobs.c.heartbeat_at.is_(None),
+                                 or_(jobs.c.wake_at.is_(None), jobs.c.wake_at < stale)),
+                        ),
+                    ),
+                )
             )
             .limit(batch)
         ).all()
@@ -113,7 +132,8 @@ def sweep(runtime, *, batch: int = 100) -> dict[str, int]:
         "dispatched": relay_outbox(runtime.engine, runtime.publisher,
                                    grace_seconds=settings.dispatch_grace_seconds, batch=batch),
         "redriven": redrive_stuck(runtime.engine, runtime.publisher,
-                                  stale_seconds=settings.stale_after_seconds, batch=batch),
+                                  stale_seconds=settings.stale_after_seconds,
+                                  requeue_seconds=settings.requeue_after_seconds, batch=batch),
         "expired": expire_holds(runtime.engine, batch=batch),
         "holds_closed": close_leftover_holds(runtime.engine, batch=batch),
         "idempotency_keys_purged": idempotency.purge_expired(runtime.engine, batch=1000),

@@ -176,8 +176,12 @@ jobs = Table(
     Column("estimated_cost", Credits, nullable=False),
     Column("actual_cost", Credits),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # The caller named the provider: the job runs there or fails, never elsewhere.
+    Column("provider_pinned", Boolean, nullable=False, server_default=text("false")),
     _now(),
     _ts("updated_at", required=True),
+    _ts("wake_at"),  # a released job's scheduled retry or poll is due then
+    _ts("deadline_at"),  # the provider's remote work must be done by then, or is cancelled
     _ts("queued_at"),
     _ts("reserved_at"),
     _ts("started_at"),
@@ -381,6 +385,15 @@ job_attempts = Table(
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     _ts("finished_at"),
     UniqueConstraint("job_id", "number", name="uq_job_attempts_job_number"),
+)
+
+provider_leases = Table(
+    "provider_leases",
+    metadata,
+    Column("resource", Text, primary_key=True),
+    Column("job_id", Uuid),
+    _ts("expires_at"),
+    _ts("updated_at", required=True),
 )
 
 provider_circuits = Table(

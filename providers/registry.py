@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
+from importlib import import_module
 from importlib.metadata import entry_points
 
+from pipeline import catalogue
 from pipeline.errors import ValidationFailed
 from pipeline.provider import Provider
 from pipeline.provider_errors import RejectedError
 
 ENTRY_POINT_GROUP = "content_pipeline.providers"
-# Providers that only work with an API key (the platform's or the company's own).
-KEYED = frozenset({"openai", "stability", "elevenlabs", "runway", "heygen"})
-
-
-def queue_for(name: str) -> str:
-    """Stable queue names: changing them would orphan messages already queued."""
-    if name == "comfyui":
-        return "gpu.comfyui"
-    if name == "local":
-        return "local"
-    return f"saas.{name}"
+KEYED = catalogue.KEYED
+queue_for = catalogue.queue_for
 
 
 class Registry:
@@ -51,6 +43,11 @@ class Registry:
         return {name for name in self._providers
                 if name not in KEYED or name in self._platform_keys}
 
+    def instances(self, name: str) -> list[str]:
+        """The instances of a multi-instance provider (ComfyUI's URLs); [] for the others."""
+        provider = self._providers.get(name)
+        return list(provider.instances()) if hasattr(provider, "instances") else []
+
     def estimate_usage(self, name: str, content_type: str, prompt: str, settings: dict) -> dict:
         """The provider's upper bound on usage; its refusal of the settings is a 400."""
         try:
@@ -61,35 +58,32 @@ class Registry:
     queue_for = staticmethod(queue_for)
 
 
+def _factory(path: str):
+    module, _, attribute = path.partition(":")
+    return getattr(import_module(module), attribute)
+
+
 def build_registry(settings) -> Registry:
-    """Every provider this deployment can use: built-in, SaaS, ComfyUI, and plug-ins.
+    """Every provider this deployment can use: the catalogue's built-ins, and plug-ins.
 
     SaaS adapters are always built (a company may bring its own key); base URLs come
     from <NAME>_BASE_URL, so any compatible server (an OpenAI-compatible vLLM or
-    Ollama, a fake in tests) can stand in.
+    Ollama, a fake in tests) can stand in. ComfyUI is built when COMFY_WORKER_URL names
+    at least one instance.
     """
-    from providers.elevenlabs import ElevenLabsProvider
-    from providers.heygen import HeyGenProvider
-    from providers.local import LocalProvider
-    from providers.openai import OpenAIProvider
-    from providers.runway import RunwayProvider
-    from providers.stability import StabilityProvider
-
     env = settings.provider_env
-    providers: dict[str, Provider] = {"local": LocalProvider()}
-    for name, cls in (("openai", OpenAIProvider), ("stability", StabilityProvider),
-                      ("elevenlabs", ElevenLabsProvider), ("runway", RunwayProvider),
-                      ("heygen", HeyGenProvider)):
-        base_url = env.get(f"{name.upper()}_BASE_URL")
-        providers[name] = cls(base_url=base_url) if base_url else cls()
-    comfy_urls = [u.strip() for u in env.get("COMFY_WORKER_URL", "").split(",") if u.strip()]
-    if comfy_urls:
-        from providers.comfyui import ComfyUIProvider
-
-        # ComfyUI sends progress only to the socket of the client id that submitted,
-        # and one id holds one socket: each process gets its own.
-        providers["comfyui"] = ComfyUIProvider(comfy_urls,
-                                               client_id=f"content-pipeline-{uuid.uuid4().hex}")
+    providers: dict[str, Provider] = {}
+    for info in catalogue.CATALOGUE:
+        cls = _factory(info.factory)
+        if info.name == "local":
+            providers[info.name] = cls()
+        elif info.name == "comfyui":
+            urls = [u.strip() for u in env.get("COMFY_WORKER_URL", "").split(",") if u.strip()]
+            if urls:
+                providers[info.name] = cls(urls)
+        else:
+            base_url = env.get(f"{info.name.upper()}_BASE_URL")
+            providers[info.name] = cls(base_url=base_url) if base_url else cls()
     registry = Registry(providers, frozenset(n for n in KEYED if env.get(f"{n.upper()}_API_KEY")))
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         registry.add(entry.load()(settings))

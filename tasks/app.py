@@ -25,9 +25,13 @@ def broker_options(settings: Settings) -> dict:
         }
     if url.startswith(("redis", "rediss")):
         import celeryconfig
+        from tasks.steps import generate_time_limit
 
         options = {
-            "visibility_timeout": celeryconfig.REDIS_VISIBILITY_TIMEOUT,
+            # Past the longest a generate step may hold its message (its hard time limit,
+            # which follows the GPU deadline) plus the longest retry countdown.
+            "visibility_timeout": max(celeryconfig.REDIS_VISIBILITY_TIMEOUT,
+                                      generate_time_limit(settings) + 1200),
             # Bounded waits so a submit with Redis down answers quickly.
             "socket_connect_timeout": settings.publish_timeout_seconds,
             "socket_timeout": 30,

@@ -1,5 +1,7 @@
 """Stable task and queue names: moving a module must never orphan queued messages."""
 
+from pipeline import catalogue
+
 RESERVE = "pipeline.reserve"
 GENERATE = "pipeline.generate"
 STORE = "pipeline.store"
@@ -11,9 +13,8 @@ LEDGER_AUDIT = "pipeline.ledger_audit"
 PIPELINE_QUEUE = "pipeline"
 LOCAL_QUEUE = "local"
 MAINTENANCE_QUEUE = "maintenance"
-SAAS_QUEUES = tuple(f"saas.{name}" for name in
-                    ("openai", "stability", "elevenlabs", "runway", "heygen"))
-GPU_QUEUES = ("gpu.comfyui",)
+SAAS_QUEUES = catalogue.SAAS_QUEUES
+GPU_QUEUES = catalogue.GPU_QUEUES
 ALL_QUEUES = (PIPELINE_QUEUE, LOCAL_QUEUE, MAINTENANCE_QUEUE, *SAAS_QUEUES, *GPU_QUEUES)
 
 # `pipeline worker --queues <family>` expands these.

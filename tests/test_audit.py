@@ -13,7 +13,7 @@ from pipeline import ledger, lifecycle
 from pipeline.audit import CHECKS, Finding, audit, summary
 from pipeline.config import Settings
 from pipeline.db import init_db, new_id, utcnow
-from pipeline.jobs import JobRequest, Principal, submit_job
+from pipeline.jobs import JobRequest, Principal, get_job, submit_job
 from pipeline.provider import Output
 from pipeline.tables import credit_holds, jobs, transactions, wallets
 from service.runtime import build_runtime
@@ -60,7 +60,9 @@ def _submit(rt, company):
 
 def _generate(rt, job_id, tokens: int) -> None:
     lifecycle.claim_generation(rt.engine, job_id, stale_after=400)
-    lifecycle.save_output(rt.engine, rt.storage, job_id,
+    with rt.engine.connect() as conn:
+        job = get_job(conn, job_id)
+    lifecycle.save_output(rt.engine, rt.storage, job,
                           Output(b"done", "text/plain", "txt", {"tokens": tokens}))
     lifecycle.store(rt.engine, rt.storage, job_id)
 

@@ -559,15 +559,17 @@ def test_jobs_survive_killed_workers_and_a_restarted_broker(own_database, own_re
     fresh and drops it as busy. Messages in a Redis that restarts are gone (it keeps
     nothing on disk), and Redis hands an unacknowledged message to another worker only
     after REDIS_VISIBILITY_TIMEOUT (3600 s), which must stay above the generate step's
-    hard time limit (330 s) or a slow healthy call would run twice. So beat's sweep
-    re-drives jobs that showed no progress for STALE_AFTER_SECONDS and relays the ones
+    hard time limit or a slow healthy call would run twice. So beat's sweep re-drives
+    jobs whose worker is gone (heartbeat older than STALE_AFTER_SECONDS), queued jobs
+    whose message may be lost (REQUEUE_AFTER_SECONDS), and relays the ones
     whose submit could not publish; every step being idempotent makes that safe.
     """
     env = distributed_env(
         tmp_path, own_database, "", storage_url=f"file://{tmp_path}/storage",
         CELERY_BROKER_URL=own_redis.url, PYTHONPATH=worker_pythonpath(slow_plugin),
-        STALE_AFTER_SECONDS=8, SWEEP_INTERVAL_SECONDS=1, DISPATCH_GRACE_SECONDS=1,
-        MAX_ATTEMPTS=5, HOLD_TIMEOUT_SECONDS=3600, PUBLISH_TIMEOUT_SECONDS=1,
+        STALE_AFTER_SECONDS=8, REQUEUE_AFTER_SECONDS=8, SWEEP_INTERVAL_SECONDS=1,
+        DISPATCH_GRACE_SECONDS=1, MAX_ATTEMPTS=5, HOLD_TIMEOUT_SECONDS=3600,
+        PUBLISH_TIMEOUT_SECONDS=1,
     )
     rt, _ = pipeline_runtime(env)
     assert "slow" in rt.registry.names()

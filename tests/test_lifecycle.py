@@ -31,9 +31,15 @@ def _render(job_id):
                                                    {"width": 100, "height": 100}))
 
 
+def _save(rt, job_id):
+    with rt.engine.connect() as conn:
+        job = get_job(conn, job_id)
+    lifecycle.save_output(rt.engine, rt.storage, job, _render(job_id))
+
+
 def _expire(rt, job_id):
     lifecycle.reserve(rt.engine, job_id, ttl_seconds=-1)  # a hold that is already past due
-    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60).action == "run"
+    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60) is not None
     assert sweeper.expire_holds(rt.engine) >= 1
     with rt.engine.connect() as conn:
         job = get_job(conn, job_id)
@@ -53,7 +59,7 @@ def test_expired_hold_is_voided_and_a_late_result_is_charged_without_reviving_it
     _expire(rt, job_id)
     assert wallet_of(rt.engine, company.company_id).credits_available == 1
 
-    lifecycle.save_output(rt.engine, rt.storage, job_id, _render(job_id))
+    _save(rt, job_id)
     assert lifecycle.store(rt.engine, rt.storage, job_id)
     assert lifecycle.settle(rt.engine, job_id)
     assert not lifecycle.settle(rt.engine, job_id)  # a replay changes nothing
@@ -77,7 +83,7 @@ def test_late_result_on_an_empty_wallet_records_the_shortfall(pg_runtime):
     other = _job(rt, company)
     lifecycle.reserve(rt.engine, other, ttl_seconds=60)  # takes the whole balance meanwhile
 
-    lifecycle.save_output(rt.engine, rt.storage, job_id, _render(job_id))
+    _save(rt, job_id)
     lifecycle.store(rt.engine, rt.storage, job_id)
     lifecycle.settle(rt.engine, job_id)
     with rt.engine.connect() as conn:
@@ -96,14 +102,14 @@ def test_every_step_replayed_after_completion_changes_nothing(pg_runtime):
     company = make_company(rt.engine, credits=1)
     job_id = _job(rt, company)
     lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)
-    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60).action == "run"
-    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60).action == "busy"
-    lifecycle.save_output(rt.engine, rt.storage, job_id, _render(job_id))
+    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60) is not None
+    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60) is None
+    _save(rt, job_id)
     lifecycle.store(rt.engine, rt.storage, job_id)
     lifecycle.settle(rt.engine, job_id)
     before = _entries(rt, job_id)
     lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)
-    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60).action == "skip"
+    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60) is None
     assert not lifecycle.store(rt.engine, rt.storage, job_id)
     assert not lifecycle.settle(rt.engine, job_id)
     assert not lifecycle.fail(rt.engine, job_id, code="X", message="late failure")

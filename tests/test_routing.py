@@ -93,6 +93,7 @@ def test_fallback_takes_the_next_provider_that_fits_the_hold(pg_runtime, registr
         prompt = "a boat"
         settings = {"width": 256, "height": 256}
         company_id = company.company_id
+        provider_pinned = False
 
     with rt.engine.connect() as conn:
         prices = PriceTable.from_db(conn)
@@ -103,3 +104,55 @@ def test_fallback_takes_the_next_provider_that_fits_the_hold(pg_runtime, registr
         Job.provider = "local"
         assert routing.fallback(conn, registry, ROUTES, Job, hold_amount=Decimal(3),
                                 prices=prices) is None  # the end of the route
+
+
+def test_fallback_respects_the_caller(pg_runtime, registry):
+    """A named provider, provider-specific settings, or a route that does not name local:
+    no fallback, so a job never completes somewhere its caller did not ask for."""
+    rt = pg_runtime
+    company = make_company(rt.engine)
+
+    def job(**fields):
+        values = {"id": "j", "provider": "stability", "content_type": "image",
+                  "prompt": "a boat", "settings": {"width": 256}, "provider_pinned": False,
+                  "company_id": company.company_id, **fields}
+        return type("Job", (), values)
+
+    with rt.engine.connect() as conn:
+        prices = PriceTable.from_db(conn)
+
+        def fallback(j, routes=ROUTES):
+            return routing.fallback(conn, registry, routes, j, hold_amount=Decimal(3),
+                                    prices=prices)
+
+        assert fallback(job()) == "local"
+        assert fallback(job(provider_pinned=True)) is None
+        assert fallback(job(settings={"width": 256, "stylePreset": "anime"})) is None
+        assert fallback(job(settings={"workflow": {"1": {"class_type": "SaveImage"}}})) is None
+        # Without ROUTE_IMAGE the default order ends in local, but local is no fallback.
+        assert fallback(job(), routes={}) is None
+
+
+def test_one_cooling_comfyui_instance_does_not_cool_the_others(pg_runtime):
+    from providers.registry import Registry
+
+    class Instances:
+        name = "comfyui"
+        content_types = frozenset({"image"})
+
+        def instances(self):
+            return ["http://a:8188", "http://b:8188"]
+
+    reg = Registry({"comfyui": Instances()})
+    rt = pg_runtime
+    for _ in range(circuits.THRESHOLD):
+        circuits.record_failure(rt.engine, circuits.instance_key("comfyui", "http://a:8188"))
+    with rt.engine.connect() as conn:
+        assert "comfyui" not in routing.cooling_providers(conn, reg)
+    for _ in range(circuits.THRESHOLD):
+        circuits.record_failure(rt.engine, circuits.instance_key("comfyui", "http://b:8188"))
+    with rt.engine.connect() as conn:
+        assert "comfyui" in routing.cooling_providers(conn, reg)
+    with rt.engine.begin() as conn:
+        conn.execute(provider_circuits.delete().where(
+            provider_circuits.c.provider.like("comfyui@%")))

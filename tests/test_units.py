@@ -9,12 +9,12 @@ import pytest
 
 from pipeline.config import Settings, credits
 from pipeline.errors import PipelineError
+from pipeline.generation import MAX_BACKOFF_SECONDS, backoff
 from pipeline.jobs import JobRequest, validate_request
 from pipeline.pricing import PriceTable, UnpricedUsage
 from pipeline.security import hash_api_key, new_api_key, signed_query, verify_signature
 from pipeline.storage import StorageError, _check_key, object_key
 from service.demo import check_file
-from tasks.steps import MAX_BACKOFF_SECONDS, backoff
 
 PRICES = PriceTable({"p": {"text": {"tokens": "0.0002", "images": "3"}}})
 

@@ -1,0 +1,408 @@
+"""The generate step as one use case: claim the job, start or poll its provider, store the
+output, and say what should happen next.
+
+The Celery task only maps the returned outcome onto its own words: `Continue` (the chain
+goes on to store), `Stop` (the chain ends; the job row says why) and `Later` (run this step
+again in `countdown` seconds, on `queue` when the job moved to another provider). Celery's
+retry counter is never a poll or attempt counter here: polls are bounded by the provider's
+deadline (`deadline_at`, set when the remote work starts), provider starts by `jobs.attempts`.
+
+One remote start per job: the claim decides start versus poll in the statement that takes
+it, a heartbeat thread keeps the claim alive while a call, an upload or a GPU poll is in
+flight, and a multi-instance provider (ComfyUI) runs one job per instance under a lease.
+Remote work is cancelled whenever the job ends without using it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.exc import OperationalError
+
+from pipeline import catalogue, circuits, leases, ledger, lifecycle, provider_keys, routing
+from pipeline.db import utcnow
+from pipeline.errors import PipelineError
+from pipeline.heartbeat import Heartbeat
+from pipeline.jobs import get_job
+from pipeline.pricing import PriceTable
+from pipeline.provider import GenerationRequest, Output, Pending
+from pipeline.provider_errors import ProviderError, TransientError
+from pipeline.tables import TERMINAL_STATUSES
+
+log = logging.getLogger("pipeline.generation")
+
+# Provider errors that need an operator (top up the account, fix the key), not a retry.
+OPERATOR_CODES = frozenset({"PROVIDER_QUOTA_EXHAUSTED", "PROVIDER_AUTH_FAILED",
+                            "PROVIDER_KEY_UNREADABLE", "PROVIDER_NOT_CONFIGURED"})
+MAX_BACKOFF_SECONDS = 120.0
+STORAGE_BACKOFF_MAX = 30.0
+
+
+@dataclass(frozen=True)
+class Continue:
+    """The output is in storage (now or by an earlier delivery): go on to the store step."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the chain here; the job row already says why (or another delivery holds it)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Later:
+    """Run the generate step again in `countdown` seconds, on `queue` if it changed."""
+
+    countdown: float
+    reason: str  # "poll", "retry", "capacity", "fallback", "storage"
+    queue: str | None = None
+
+
+Outcome = Continue | Stop | Later
+
+
+def backoff(tries: int, retry_after: float | None) -> float:
+    """Exponential with full jitter, but never sooner than the provider asked."""
+    delay = random.uniform(0, min(MAX_BACKOFF_SECONDS, 2.0 ** (tries + 1)))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, MAX_BACKOFF_SECONDS * 5)
+
+
+def credentials_for(rt, job) -> dict[str, str]:
+    """The secret for a job's provider: the company's own key first, else the platform's.
+
+    Never logged, never stored on the job, never sent through the broker.
+    """
+    key = None
+    if job.provider in catalogue.KEYED:
+        cipher = provider_keys.cipher(rt.settings.provider_key_secrets)
+        key = provider_keys.lookup(rt.engine, cipher, job.company_id, job.provider)
+    key = key or rt.settings.provider_env.get(f"{job.provider.upper()}_API_KEY")
+    return {"api_key": key} if key else {}
+
+
+def request_for(rt, job, instance: str | None = None) -> GenerationRequest:
+    return GenerationRequest(job_id=str(job.id), content_type=job.content_type,
+                             prompt=job.prompt, settings=dict(job.settings or {}),
+                             credentials=credentials_for(rt, job), instance=instance)
+
+
+def _load(engine, job_id):
+    with engine.connect() as conn:
+        return get_job(conn, job_id)
+
+
+class _Run:
+    """One delivery of the generate step for one job: the state its helpers share."""
+
+    def __init__(self, rt, job, claim: lifecycle.Claim):
+        self.rt, self.job, self.claim = rt, job, claim
+        self.settings = rt.settings
+        self.provider = rt.registry.get(job.provider)
+        self.info = catalogue.info_for(job.provider)
+        self.lease: str | None = None
+        self.attempt = 0
+        self.on_provider = 0
+        self.remote_id = claim.remote_id
+        self.deadline_at = claim.deadline_at
+
+    # --- pieces --------------------------------------------------------------------------
+
+    @property
+    def engine(self):
+        return self.rt.engine
+
+    def circuit_key(self) -> str:
+        if self.lease is not None:
+            return circuits.instance_key(self.job.provider, self.lease)
+        return self.job.provider
+
+    def healthy_instances(self) -> list[str]:
+        with self.engine.connect() as conn:
+            cooling = circuits.open_providers(conn)
+        return [i for i in self.rt.registry.instances(self.job.provider)
+                if circuits.instance_key(self.job.provider, i) not in cooling]
+
+    def past_deadline(self) -> bool:
+        return self.deadline_at is not None and utcnow() >= self.deadline_at
+
+    def cancel_remote(self, request: GenerationRequest) -> None:
+        """Best effort: stop the provider's work for a job that will not use it."""
+        if not self.remote_id:
+            return
+        try:
+            self.provider.cancel(request, self.remote_id)
+        except ProviderError as exc:
+            log.warning("job %s: could not cancel remote work: %s", self.job.id, exc.message)
+
+    def fail(self, code: str, message: str) -> Stop:
+        lifecycle.fail(self.engine, self.job.id, code=code, message=message)
+        return Stop(code)
+
+    def finish_attempt(self, outcome: str, code: str | None = None,
+                       message: str | None = None) -> None:
+        if not self.attempt:  # a poll: the attempt is the one that started the remote job
+            self.attempt = lifecycle.current_attempt(self.engine, self.job.id)
+        if self.attempt:
+            lifecycle.finish_attempt(self.engine, self.job.id, self.attempt, outcome=outcome,
+                                     error_code=code, error=message, remote_id=self.remote_id)
+
+    def release_lease(self) -> None:
+        if self.lease is not None:
+            leases.release(self.engine, self.lease, self.job.id)
+
+    # --- the step ------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        if self.claim.fresh_start:
+            stopped = self.prepare_start()
+            if stopped is not None:
+                return stopped
+        elif self.rt.registry.instances(self.job.provider):
+            # Polling a prompt already on an instance: keep others off that instance.
+            instance = self.provider.instance_of(self.remote_id)
+            self.lease = leases.acquire(self.engine, [instance], self.job.id,
+                                        ttl_seconds=self.settings.stale_after_seconds)
+        request = request_for(self.rt, self.job, self.lease)
+        try:
+            with Heartbeat(self.engine, self.job.id, lease=self.lease,
+                           stale_after_seconds=self.settings.stale_after_seconds) as beat:
+                return self.call(request, beat)
+        finally:
+            self.release_lease()
+
+    def prepare_start(self) -> Outcome | None:
+        """Before a fresh start: an instance lease where needed, then count the attempt."""
+        job, settings = self.job, self.settings
+        if self.rt.registry.instances(job.provider):
+            healthy = self.healthy_instances()
+            if not healthy:
+                return self.transient(f"every {job.provider} instance is cooling down", None,
+                                      counted=False)
+            self.lease = leases.acquire(self.engine, healthy, job.id,
+                                        ttl_seconds=settings.stale_after_seconds)
+            if self.lease is None:
+                # Every instance runs another job: wait for one, without counting an attempt.
+                lifecycle.release_claim(self.engine, job.id,
+                                        wake_in=settings.poll_interval_seconds)
+                return Later(settings.poll_interval_seconds, "capacity")
+        elif job.provider in self._cooling():
+            return self.transient(f"{job.provider} is cooling down", None, counted=False)
+        self.deadline_at = utcnow() + timedelta(
+            seconds=catalogue.deadline_for(job.provider, settings.provider_env))
+        self.attempt, self.on_provider = lifecycle.begin_attempt(
+            self.engine, job.id, job.provider, deadline_at=self.deadline_at)
+        if self.on_provider > settings.max_attempts:
+            self.release_lease()
+            return self.fail("TOO_MANY_ATTEMPTS",
+                             f"Gave up after {self.on_provider - 1} attempts on {job.provider}.")
+        return None
+
+    def _cooling(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return routing.cooling_providers(conn, self.rt.registry)
+
+    def call(self, request: GenerationRequest, beat: Heartbeat) -> Outcome:
+        """Start or poll the provider; hold the slot and poll here for GPU providers."""
+        try:
+            if self.claim.fresh_start:
+                outcome = self.provider.start(request)
+            else:
+                outcome = self.provider.check(request, self.remote_id)
+            if isinstance(outcome, Pending):
+                self.remote_id = outcome.remote_id
+                if not self.info.holds_slot:
+                    return self.poll_later(request, outcome)
+                outcome = self.poll_here(request, outcome, beat)
+                if not isinstance(outcome, Output):
+                    return outcome
+        except TransientError as exc:
+            if circuits.record_failure(self.engine, self.circuit_key()):
+                log.error("circuit opened for %s", self.circuit_key())
+            return self.transient(exc.message, exc.retry_after)
+        except (ProviderError, PipelineError) as exc:
+            return self.refused(request, exc)
+        except OperationalError:
+            raise  # the database blinked: the task retries this step, the remote work goes on
+        except Exception:
+            # A bug, or the task's time limit: the remote work must not outlive the job.
+            self.cancel_remote(request)
+            raise
+        return self.store(request, outcome, beat)
+
+    def poll_here(self, request: GenerationRequest, outcome: Output | Pending,
+                  beat: Heartbeat) -> Output | Stop:
+        """On the gpu queue the worker slot stands for the GPU: poll here, beating, until
+        the output comes, the deadline passes, or the job ends elsewhere."""
+        while isinstance(outcome, Pending):
+            self.remote_id = outcome.remote_id
+            if not beat.now(remote_id=outcome.remote_id, progress=outcome.progress):
+                return self.ended_elsewhere(request)
+            if self.past_deadline():
+                return self.timed_out(request)
+            if beat.wait(self.settings.poll_interval_seconds):
+                return self.ended_elsewhere(request)
+            outcome = self.provider.check(request, outcome.remote_id)
+        return outcome
+
+    def poll_later(self, request: GenerationRequest, pending: Pending) -> Outcome:
+        """An asynchronous SaaS job still running: hand the slot back, poll again later."""
+        if self.past_deadline():
+            return self.timed_out(request)
+        lifecycle.release_claim(self.engine, self.job.id, remote_id=pending.remote_id,
+                                progress=pending.progress,
+                                wake_in=self.settings.poll_interval_seconds)
+        return Later(self.settings.poll_interval_seconds, "poll")
+
+    def ended_elsewhere(self, request: GenerationRequest) -> Stop:
+        """The job ended while it ran (its hold expired, it was cancelled): stop the work."""
+        self.cancel_remote(request)
+        self.finish_attempt("abandoned")
+        return Stop("ended")
+
+    def timed_out(self, request: GenerationRequest) -> Stop:
+        self.cancel_remote(request)
+        self.finish_attempt("timeout", "PROVIDER_TIMEOUT")
+        seconds = catalogue.deadline_for(self.job.provider, self.settings.provider_env)
+        return self.fail("PROVIDER_TIMEOUT",
+                         f"{self.job.provider} did not finish within {seconds} s; "
+                         "its remote work was cancelled.")
+
+    def refused(self, request: GenerationRequest, exc: ProviderError | PipelineError) -> Stop:
+        """Rejected input, content filtered, quota, auth, an unreadable key: retrying cannot
+        help. Quota and auth are the operators' to fix, so they log as errors."""
+        level = logging.ERROR if exc.code in OPERATOR_CODES else logging.INFO
+        log.log(level, "job %s: %s refused it: %s", self.job.id, self.job.provider, exc.code)
+        self.cancel_remote(request)
+        self.finish_attempt("failed", exc.code, exc.message)
+        return self.fail(exc.code, exc.message)
+
+    def transient(self, message: str, retry_after: float | None, *,
+                  counted: bool = True) -> Outcome:
+        """Retry later on the same provider, fall back to the next one, or give up.
+
+        A failed poll keeps its remote id and is retried until the deadline: the remote
+        job may well be running. A failed start counts against MAX_ATTEMPTS.
+        """
+        job, settings = self.job, self.settings
+        if counted:
+            self.finish_attempt("transient", "PROVIDER_UNAVAILABLE", message)
+        self.release_lease()
+        if self.remote_id:
+            if self.past_deadline():
+                return self.timed_out(request_for(self.rt, job, self.lease))
+            delay = backoff(1, retry_after)
+            lifecycle.release_claim(self.engine, job.id, wake_in=delay)
+            return Later(delay, "retry")
+        exhausted = self.on_provider >= settings.max_attempts
+        if exhausted or job.provider in self._cooling():
+            queue = self.fall_back()
+            if queue:
+                return Later(0, "fallback", queue)
+        if exhausted:
+            return self.fail("PROVIDER_UNAVAILABLE",
+                             f"{message} (gave up after {self.on_provider} tries)")
+        delay = backoff(self.on_provider, retry_after)
+        log.warning("job %s: transient provider error (%s), retrying in %.1f s", job.id,
+                    message, delay)
+        lifecycle.release_claim(self.engine, job.id, wake_in=delay)
+        return Later(delay, "retry")
+
+    def fall_back(self) -> str | None:
+        """Move the job to the next provider its route allows; that provider's queue."""
+        job = self.job
+        with self.engine.connect() as conn:
+            hold = ledger.get_hold(conn, job.id)
+            if hold is None:
+                return None
+            target = routing.fallback(conn, self.rt.registry, self.settings.provider_env, job,
+                                      hold_amount=hold.amount, prices=PriceTable.from_db(conn))
+        if not target:
+            return None
+        queue = catalogue.queue_for(target)
+        if lifecycle.switch_provider(self.engine, job.id, from_provider=job.provider,
+                                     to_provider=target, to_queue=queue):
+            log.warning("job %s: falling back from %s to %s", job.id, job.provider, target)
+            return queue
+        return None
+
+    def store(self, request: GenerationRequest, output: Output, beat: Heartbeat) -> Outcome:
+        """Put an output we have (and paid for) into storage, retrying with backoff.
+
+        The vendor is never asked again for it: storage trouble is waited out here, with
+        the heartbeat running, for up to STORAGE_RETRY_SECONDS.
+        """
+        give_up_at = time.monotonic() + self.settings.storage_retry_seconds
+        delay = 1.0
+        while True:
+            try:
+                lifecycle.save_output(self.engine, self.rt.storage, self.job, output)
+                break
+            except Exception as exc:
+                if not getattr(exc, "retryable", False):
+                    raise
+                if time.monotonic() + delay > give_up_at:
+                    return self.storage_exhausted(exc)
+                log.warning("job %s: storage unavailable (%s); retrying in %.0f s",
+                            self.job.id, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, STORAGE_BACKOFF_MAX)
+        circuits.record_success(self.engine, self.circuit_key())
+        self.finish_attempt("succeeded")
+        return Continue()
+
+    def storage_exhausted(self, exc: Exception) -> Outcome:
+        """Storage stayed down. A remote job's output can be fetched again later (polling
+        it is no new generation); a synchronous call's bytes cannot, so the job fails."""
+        if self.remote_id:
+            lifecycle.release_claim(self.engine, self.job.id, wake_in=STORAGE_BACKOFF_MAX)
+            return Later(STORAGE_BACKOFF_MAX, "storage")
+        self.finish_attempt("failed", "STORAGE_UNAVAILABLE", str(exc))
+        return self.fail("STORAGE_UNAVAILABLE",
+                         "The result could not be stored; the job was refunded.")
+
+
+def generate(rt, job_id) -> Outcome:
+    """The generate step for one delivery of the job's message.
+
+    `rt` carries the engine, storage, provider registry and settings.
+    """
+    job = _load(rt.engine, job_id)
+    if job.output_key is not None:
+        return Continue()  # done by an earlier delivery: store and settle find their work
+    if job.status in TERMINAL_STATUSES:
+        if job.remote_id:  # a remote job still running for a job that ended
+            _cancel_for_ended(rt, job)
+        return Stop("terminal")
+    claim = lifecycle.claim_generation(rt.engine, job_id,
+                                       stale_after=rt.settings.stale_after_seconds)
+    if claim is None:
+        return Stop("busy")  # alive in another worker; the sweeper re-drives it if that dies
+    try:
+        run = _Run(rt, job, claim)
+    except PipelineError as exc:  # the provider is no longer configured on this worker
+        lifecycle.fail(rt.engine, job_id, code="PROVIDER_NOT_CONFIGURED", message=exc.message)
+        return Stop("PROVIDER_NOT_CONFIGURED")
+    return run.run()
+
+
+def _cancel_for_ended(rt, job) -> None:
+    try:
+        provider = rt.registry.get(job.provider)
+        provider.cancel(request_for(rt, job), job.remote_id)
+    except (ProviderError, PipelineError) as exc:
+        log.warning("job %s: could not cancel remote work: %s", job.id, exc)
+
+
+def abandon(rt, job_id, *, code: str, message: str) -> None:
+    """The step was stopped from outside (a time limit): cancel remote work, fail the job."""
+    job = _load(rt.engine, job_id)
+    if job.remote_id and job.output_key is None:
+        _cancel_for_ended(rt, job)
+    lifecycle.fail(rt.engine, job_id, code=code, message=message)

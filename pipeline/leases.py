@@ -1,0 +1,90 @@
+"""Leases on provider instances: one running job per ComfyUI instance across every worker.
+
+A row per instance in `provider_leases`. Taking one is a conditional UPDATE (free, expired,
+or already this job's), so two GPU slots on two machines can never pick the same idle
+instance the way a read of each instance's queue let them. The holder's heartbeat renews
+the lease; a worker that dies stops renewing it, and it is free again once it expires.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+
+from pipeline.db import insert_ignore, utcnow
+from pipeline.tables import provider_leases
+
+
+def acquire(engine, resources: list[str], job_id, *, ttl_seconds: float) -> str | None:
+    """The first of `resources` that is free (or already this job's), now leased; or None."""
+    if not resources:
+        return None
+    now = utcnow()
+    with engine.begin() as conn:
+        known = set(conn.scalars(select(provider_leases.c.resource)
+                                 .where(provider_leases.c.resource.in_(resources))))
+        for resource in resources:
+            if resource not in known:
+                insert_ignore(conn, provider_leases, {"resource": resource}, ["resource"])
+        # This job's own lease first (a retry of a job that holds one), then any free one.
+        ordered = sorted(resources, key=lambda r: r != _holder(conn, r, job_id))
+        for resource in ordered:
+            taken = conn.execute(
+                update(provider_leases)
+                .where(
+                    provider_leases.c.resource == resource,
+                    or_(
+                        provider_leases.c.job_id.is_(None),
+                        provider_leases.c.job_id == job_id,
+                        provider_leases.c.expires_at < now,
+                    ),
+                )
+                .values(job_id=job_id, expires_at=now + timedelta(seconds=ttl_seconds),
+                        updated_at=now)
+            ).rowcount
+            if taken:
+                return resource
+    return None
+
+
+def _holder(conn, resource: str, job_id) -> str | None:
+    """`resource` when this job holds it (so it sorts first), else None."""
+    held = conn.execute(
+        select(provider_leases.c.resource)
+        .where(provider_leases.c.resource == resource, provider_leases.c.job_id == job_id)
+    ).first()
+    return resource if held else None
+
+
+def renew(engine, resource: str, job_id, *, ttl_seconds: float) -> bool:
+    """Extend this job's lease; False when it is no longer this job's."""
+    now = utcnow()
+    with engine.begin() as conn:
+        return bool(conn.execute(
+            update(provider_leases)
+            .where(provider_leases.c.resource == resource, provider_leases.c.job_id == job_id)
+            .values(expires_at=now + timedelta(seconds=ttl_seconds), updated_at=now)
+        ).rowcount)
+
+
+def release(engine, resource: str, job_id) -> None:
+    """Give the instance back (only if this job still holds it)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(provider_leases)
+            .where(and_(provider_leases.c.resource == resource,
+                        provider_leases.c.job_id == job_id))
+            .values(job_id=None, expires_at=None, updated_at=utcnow())
+        )
+
+
+def holders(conn, resources: list[str]) -> dict[str, object]:
+    """resource -> job id, for the leases among `resources` that are held and unexpired."""
+    now = utcnow()
+    rows = conn.execute(
+        select(provider_leases.c.resource, provider_leases.c.job_id)
+        .where(provider_leases.c.resource.in_(resources),
+               provider_leases.c.job_id.is_not(None), provider_leases.c.expires_at >= now)
+    ).all()
+    return {row.resource: row.job_id for row in rows}
