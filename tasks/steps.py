@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from pipeline import catalogue, generation, lifecycle
 from pipeline.budgets import BudgetExceeded
 from pipeline.errors import InsufficientCredits
+from pipeline.storage import StorageUnavailable
 from tasks import names
 from tasks.base import JobTask
 
@@ -70,7 +71,11 @@ def register(app) -> None:
     def generate(self, job_id):
         run_generate(self, job_id)
 
-    @app.task(name=names.STORE, shared=False, base=JobTask, bind=True, **retry_db)
+    # An object store that is down (or slowing us down) is waited out, never a failed job.
+    retry_storage = {**retry_db, "autoretry_for": (OperationalError, StorageUnavailable)}
+
+    @app.task(name=names.STORE, shared=False, base=JobTask, bind=True, max_retries=None,
+              **retry_storage)
     def store(self, job_id):
         lifecycle.store(self.runtime.engine, self.runtime.storage, job_id)
 
