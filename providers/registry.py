@@ -73,16 +73,16 @@ def build_registry(settings) -> Registry:
     """
     env = settings.provider_env
     providers: dict[str, Provider] = {}
+    comfy_urls = [u.strip() for u in env.get("COMFY_WORKER_URL", "").split(",") if u.strip()]
     for info in catalogue.CATALOGUE:
-        cls = _factory(info.factory)
         if info.name == "local":
-            providers[info.name] = cls()
+            providers[info.name] = _factory(info.factory)()
         elif info.name == "comfyui":
-            urls = [u.strip() for u in env.get("COMFY_WORKER_URL", "").split(",") if u.strip()]
-            if urls:
-                providers[info.name] = cls(urls)
+            if comfy_urls:
+                providers[info.name] = _factory(info.factory)(comfy_urls)
         else:
             base_url = env.get(f"{info.name.upper()}_BASE_URL")
+            cls = _factory(info.factory)
             providers[info.name] = cls(base_url=base_url) if base_url else cls()
     registry = Registry(providers, frozenset(n for n in KEYED if env.get(f"{n.upper()}_API_KEY")))
     for entry in entry_points(group=ENTRY_POINT_GROUP):
