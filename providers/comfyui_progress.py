@@ -1,9 +1,19 @@
 """Progress of ComfyUI prompts from the instance's websocket (API-NOTES 6.7).
 
-One daemon thread per websocket URL (instance + clientId), started on first need and shared
-by every provider in the process (a second socket with the same clientId would replace the
-first on the server). It keeps the latest fraction per prompt id. Polling stays the source
-of truth for completion: this is a hint only, and any failure here just means "no progress".
+One daemon thread per websocket URL (instance + clientId), started on first need. The adapter
+uses a clientId per job, so a restarted worker that opens the socket with the same clientId
+hears the rest of the job's events (ComfyUI sends most events only to the submitting
+clientId, and a second socket with that clientId replaces the first).
+
+Progress is read over the whole graph from `progress_state` messages (each one carries every
+node that started: running with value/max, or finished), so a graph with two samplers never
+goes backwards and a graph without a sampler still moves; each node that runs counts the same.
+Older servers send only `progress` (one node's steps), used until a `progress_state` arrives.
+What a listener reports for a prompt never goes down. `executing` with node null ends failed and
+interrupted prompts too, so only `execution_success` means 100%.
+
+Polling stays the source of truth for completion: this is a hint only, and any failure here
+just means "no progress".
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import websocket
@@ -23,7 +35,8 @@ log = logging.getLogger(__name__)
 RECV_TIMEOUT = 1.0  # a read wakes this often to notice it is idle or stopped
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0  # seconds between reconnection attempts
 IDLE_SECONDS = 120.0  # a listener nobody asked for this long ends (and is remade on need)
-MAX_PROMPTS = 1000  # prompts remembered per listener, oldest dropped first
+# progress_state is broadcast to every socket: a job's listener hears other prompts too.
+MAX_PROMPTS = 100
 
 
 def ws_url(base_url: str, client_id: str) -> str:
@@ -34,32 +47,73 @@ def ws_url(base_url: str, client_id: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, urlencode({"clientId": client_id}), ""))
 
 
-def _fraction(kind: object, data: dict) -> float | None:
-    if kind == "progress":
-        value, maximum = data.get("value"), data.get("max")
-        if (
-            isinstance(value, int | float)
-            and isinstance(maximum, int | float)
-            and not isinstance(value, bool)
-            and not isinstance(maximum, bool)
-            and maximum > 0
-        ):
-            return min(max(value / maximum, 0.0), 1.0)
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _ratio(value: object, maximum: object) -> float | None:
+    if not (_is_number(value) and _is_number(maximum)) or maximum <= 0:
         return None
-    if kind == "execution_success" or (kind == "executing" and data.get("node") is None):
+    return min(max(value / maximum, 0.0), 1.0)
+
+
+def _node_fraction(state: object) -> float | None:
+    """How far one node of a progress_state message is: finished is 1, running is value/max."""
+    if not isinstance(state, dict):
+        return None
+    if state.get("state") == "finished":
         return 1.0
-    return None
+    return _ratio(state.get("value"), state.get("max"))
+
+
+@dataclass
+class PromptProgress:
+    """What the socket said about one prompt."""
+
+    nodes: dict[str, float] = field(default_factory=dict)  # node id -> its fraction done
+    step: float | None = None  # the latest `progress` message (older servers)
+    succeeded: bool = False
+    best: float | None = None  # the highest fraction reported so far
+
+    def hear(self, kind: object, data: dict) -> None:
+        if kind == "progress_state" and isinstance(data.get("nodes"), dict):
+            for node_id, state in data["nodes"].items():
+                fraction = _node_fraction(state)
+                if fraction is not None:
+                    self.nodes[node_id] = max(fraction, self.nodes.get(node_id, 0.0))
+        elif kind == "progress":
+            self.step = _ratio(data.get("value"), data.get("max"))
+        elif kind == "execution_success":
+            self.succeeded = True
+
+    def fraction(self, expected: Collection[str]) -> float | None:
+        """Done over the whole graph (`expected`: the ids of the nodes the prompt runs)."""
+        if self.succeeded:
+            now: float | None = 1.0
+        elif self.nodes and expected:
+            # Nodes that expand at run time (subgraphs) come on top of the submitted ones.
+            now = sum(self.nodes.values()) / len(set(expected) | self.nodes.keys())
+        else:
+            now = self.step
+        if now is not None:
+            self.best = max(now, self.best or 0.0)
+        return self.best
 
 
 class ProgressListener:
     """A websocket reader for one instance and clientId; `progress(prompt_id)` never raises."""
 
-    def __init__(self, url: str, connect_timeout: float = 5.0):
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float = 5.0,
+        prompts: OrderedDict[str, PromptProgress] | None = None,
+    ):
         self.url = url
         self.connect_timeout = connect_timeout
         self.connected = False
         self._lock = threading.Lock()
-        self._progress: OrderedDict[str, float] = OrderedDict()
+        self._prompts: OrderedDict[str, PromptProgress] = prompts or OrderedDict()
         self._used = time.monotonic()
         self._heard = False  # whether the current connection delivered anything
         self._stop = threading.Event()
@@ -79,15 +133,17 @@ class ProgressListener:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
-    def progress(self, prompt_id: str) -> float | None:
-        """The latest fraction (0..1) reported for the prompt, or None if none was seen."""
+    def progress(self, prompt_id: str, expected: Collection[str] = ()) -> float | None:
+        """The prompt's fraction done (0..1), never less than before; None if nothing heard."""
         with self._lock:
             self._used = time.monotonic()
-            return self._progress.get(prompt_id)
+            found = self._prompts.get(prompt_id)
+            return found.fraction(expected) if found else None
 
-    def forget(self, prompt_id: str) -> None:
+    def handover(self) -> OrderedDict[str, PromptProgress]:
+        """What this listener heard, for the one that replaces it (so nothing goes back)."""
         with self._lock:
-            self._progress.pop(prompt_id, None)
+            return OrderedDict(self._prompts)
 
     def _idle(self) -> bool:
         with self._lock:
@@ -140,14 +196,15 @@ class ProgressListener:
             return
         data = message["data"]
         prompt_id = data.get("prompt_id")
-        fraction = _fraction(message.get("type"), data)
-        if not isinstance(prompt_id, str) or fraction is None:
+        if not isinstance(prompt_id, str):  # e.g. the `executing` sent on reconnect
             return
         with self._lock:
-            self._progress[prompt_id] = fraction
-            self._progress.move_to_end(prompt_id)
-            while len(self._progress) > MAX_PROMPTS:
-                self._progress.popitem(last=False)
+            found = self._prompts.get(prompt_id) or PromptProgress()
+            found.hear(message.get("type"), data)
+            self._prompts[prompt_id] = found
+            self._prompts.move_to_end(prompt_id)
+            while len(self._prompts) > MAX_PROMPTS:
+                self._prompts.popitem(last=False)
 
 
 _listeners: dict[str, ProgressListener] = {}
@@ -160,16 +217,26 @@ def listener(base_url: str, client_id: str, connect_timeout: float = 5.0) -> Pro
     with _registry_lock:
         found = _listeners.get(url)
         if found is None or not found.alive:  # never started here, idled out, or forked
-            found = _listeners[url] = ProgressListener(url, connect_timeout).start()
+            heard = found.handover() if found else None
+            found = _listeners[url] = ProgressListener(url, connect_timeout, heard).start()
         return found
 
 
-def forget(base_url: str, client_id: str, prompt_id: str) -> None:
-    """Drop a finished prompt's progress, without starting a listener; never raises."""
+def close(base_url: str, client_id: str) -> None:
+    """Stop and drop the listener of an instance and clientId, if any; never raises."""
     try:
         with _registry_lock:
-            found = _listeners.get(ws_url(base_url, client_id))
+            found = _listeners.pop(ws_url(base_url, client_id), None)
         if found is not None:
-            found.forget(prompt_id)
+            found.close()
     except Exception as exc:
-        log.debug("comfyui progress for %s not forgotten: %s", prompt_id, exc)
+        log.debug("comfyui listener for %s not closed: %s", client_id, exc)
+
+
+def close_all() -> None:
+    """Stop every listener of this process (at shutdown, or between tests)."""
+    with _registry_lock:
+        doomed = list(_listeners.values())
+        _listeners.clear()
+    for found in doomed:
+        found.close()

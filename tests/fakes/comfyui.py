@@ -1,5 +1,5 @@
-"""Fake ComfyUI: validated /prompt, a worker-run queue, history, /view, /interrupt, and the
-/ws websocket with progress events (API-NOTES 6)."""
+"""Fake ComfyUI: validated /prompt, a worker-run queue with ComfyUI's execution cache, history,
+/view, /interrupt, and the /ws websocket with its progress events (API-NOTES 6)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import base64
 import contextlib
 import hashlib
 import json
+import mimetypes
+import random
 import re
 import socket
 import struct
@@ -14,24 +16,51 @@ import threading
 import time
 import uuid
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tests.fakes.base import FakeServer, Reply, Request, main
+from tests.fakes.base import CONTROL, FakeServer, Reply, Request, main
 from tests.fakes.base import _Handler as _HttpHandler
-from tests.fakes.comfyui_graph import OUTPUT_NODES, canonical, error, validate
-from tests.fakes.media import png_bytes
+from tests.fakes.comfyui_graph import (
+    OUTPUT_NODES,
+    error,
+    execution_order,
+    inherited,
+    signature,
+    validate,
+)
+from tests.fakes.media import mp4_bytes, png_bytes
 
 A = "(?:/api)?"  # every route is served at /<path> and /api/<path>
 WS_PATH = re.compile(f"{A}/ws")
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+# Where a real traceback points: the host's own paths, which adapters must not pass on.
+TRACEBACK = '  File "/home/comfy/ComfyUI/execution.py", line 496, in execute\n'
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def webp_bytes(frames: int = 1) -> bytes:
+    """A RIFF/WEBP header with a VP8X chunk (animation flag set for several frames)."""
+    flags = 0x02 if frames > 1 else 0
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([flags, 0, 0, 0]) + bytes(6)
+    anim = b"ANIM" + struct.pack("<I", 6) + bytes(6) if frames > 1 else b""
+    body = b"WEBP" + vp8x + anim
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
 class FakeComfyUI(FakeServer):
-    """Fake ComfyUI: a background worker runs queued prompts and writes history and PNGs."""
+    """Fake ComfyUI: a background worker runs queued prompts node by node.
+
+    Like the real server it accepts any string as a prompt id and runs a repeated one again;
+    queues the outputs that validate and reports the others in `node_errors` (400 only when
+    none validates); caches each node's result by its class and inputs (upstream included),
+    keeping only what the latest prompt used, so a repeated graph runs nothing and its history
+    lists the earlier prompt's files; sends `progress_state` to every socket and the other
+    events to the prompt's clientId, and `executing` with node null after every prompt.
+    KSampler nodes (or else the first node) are where the run's time is spent, in steps.
+    """
 
     routes: ClassVar = [
         ("POST", f"{A}/prompt", "prompt"),
@@ -45,7 +74,8 @@ class FakeComfyUI(FakeServer):
     ]
     # paused: the worker takes nothing from the queue; hold: a running prompt waits for an
     # interrupt or for hold to be cleared (before its last progress step); error: an
-    # exception message to fail prompts with; websocket: False makes /ws a 404.
+    # exception message to fail prompts with (at their last working node); websocket: False
+    # makes /ws a 404.
     defaults: ClassVar = {
         "paused": False,
         "hold": False,
@@ -60,11 +90,12 @@ class FakeComfyUI(FakeServer):
         self.pending: list[list[Any]] = []  # [number, prompt_id, prompt, extra_data, outputs]
         self.running: list[Any] | None = None
         self.history: dict[str, dict[str, Any]] = {}
-        self.files: dict[tuple[str, str, str], bytes] = {}
+        self.files: dict[tuple[str, str, str], bytes] = {}  # (name, subfolder, type) -> bytes
+        self.cache: dict[str, dict[str, Any] | None] = {}  # node signature -> its UI output
         self.interrupted: list[str | None] = []  # the prompt_id of each /interrupt (or None)
+        self.last_node: str | None = None  # the node running now, told to a reconnecting client
         self._counter = 0
-        self._file_counters: dict[str, int] = {}
-        self._interrupt = threading.Event()
+        self.interrupt_requested = threading.Event()
         self._worker = threading.Thread(target=self._work, daemon=True)
         self.sockets: dict[str, _WebSocket] = {}  # clientId -> its open websocket
         self.ws_clients: list[str] = []  # the clientId of every websocket accepted
@@ -78,6 +109,22 @@ class FakeComfyUI(FakeServer):
     def stop(self) -> None:
         super().stop()
         self.drop_websockets()
+
+    # Test hooks -------------------------------------------------------------------------
+
+    def delete_files(self, subfolder: str = "") -> int:
+        """Remove stored files (those under `subfolder`, or all), as an operator's cleanup
+        would; the cache still remembers them. Returns how many."""
+        with self.lock:
+            doomed = [k for k in self.files if (k[1] + "/").startswith(subfolder)]
+            for key in doomed:
+                del self.files[key]
+        return len(doomed)
+
+    def _control(self, request: Request) -> Reply:
+        if request.path == f"{CONTROL}delete_files":  # the same hook for a subprocess fake
+            return Reply(200, {"deleted": self.delete_files(**(request.json() or {}))})
+        return super()._control(request)
 
     # The websocket (API-NOTES 6.7) ---------------------------------------------------------
 
@@ -96,9 +143,13 @@ class FakeComfyUI(FakeServer):
         ws = _WebSocket(handler.connection)
         with self.lock:
             remaining = len(self.pending) + (self.running is not None)
+            ours = self.running is not None and self.running[3].get("client_id") == client_id
+            last_node = self.last_node if ours else None
         ws.send_json(
             "status", {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": client_id}
         )
+        if last_node is not None:  # as server.py does for the client of the running prompt
+            ws.send_json("executing", {"node": last_node})
         with self.lock:
             self.ws_clients.append(client_id)
             self.sockets[client_id] = ws  # a reused clientId replaces the older socket
@@ -118,7 +169,7 @@ class FakeComfyUI(FakeServer):
             ws.kill()
         return len(doomed)
 
-    def _emit(
+    def emit(
         self, client_id: str | None, kind: str, data: dict[str, Any], broadcast: bool = False
     ) -> None:
         """Send `{"type", "data"}` to the prompt's client's socket (or to all of them)."""
@@ -131,16 +182,32 @@ class FakeComfyUI(FakeServer):
             ws.send_json(kind, data)
 
     def enqueue(
-        self, graph: dict[str, Any], prompt_id: str | None = None, client_id: str | None = None
+        self,
+        graph: dict[str, Any],
+        prompt_id: str | None = None,
+        client_id: str | None = None,
+        outputs: list[str] | None = None,
     ) -> list[Any]:
         """Queue a prompt as /prompt would, without validation (to preload an instance)."""
-        outputs = [n for n, node in graph.items() if node.get("class_type") in OUTPUT_NODES]
-        extra = {"client_id": client_id, "create_time": _now_ms()}
+        if outputs is None:
+            outputs = [n for n, node in graph.items() if node.get("class_type") in OUTPUT_NODES]
+        extra: dict[str, Any] = {"create_time": _now_ms()}
+        if client_id is not None:
+            extra["client_id"] = client_id
         with self.lock:
-            item = [self._counter, prompt_id or str(uuid.uuid4()), graph, extra, outputs]
+            item = [self._number(), prompt_id or str(uuid.uuid4()), graph, extra, outputs]
             self.pending.append(item)
-            self._counter += 1
         return item
+
+    def _number(self, body: dict[str, Any] | None = None) -> float | int:
+        """The queue priority server.py gives a prompt: its own, or the next of the counter."""
+        body = body or {}
+        if "number" in body:
+            return float(body["number"])
+        with self.lock:
+            number = -self._counter if body.get("front") else self._counter
+            self._counter += 1
+        return number
 
     # Routes ------------------------------------------------------------------------------
 
@@ -149,22 +216,18 @@ class FakeComfyUI(FakeServer):
         if not isinstance(body, dict) or "prompt" not in body:
             reason = "No prompt provided"
             return Reply(400, {"error": error("no_prompt", reason, reason), "node_errors": {}})
-        prompt_id = body.get("prompt_id")
-        if prompt_id is not None and not canonical(prompt_id):
-            return Reply(
-                400,
-                {
-                    "error": error(
-                        "invalid_prompt_id", "Invalid prompt_id", f"{prompt_id!r} is not a UUID"
-                    ),
-                    "node_errors": {},
-                },
-            )
-        problem, node_errors = validate(body["prompt"], self.config["checkpoints"])
+        number = self._number(body)
+        # Any string goes, and nothing is deduplicated: the same id sent twice runs twice.
+        prompt_id = str(body.get("prompt_id", uuid.uuid4()))
+        problem, outputs, node_errors = validate(body["prompt"], self.config["checkpoints"])
         if problem:
             return Reply(400, {"error": problem, "node_errors": node_errors})
-        number, prompt_id, *_ = self.enqueue(body["prompt"], prompt_id, body.get("client_id"))
-        return Reply(200, {"prompt_id": prompt_id, "number": number, "node_errors": {}})
+        extra = dict(body.get("extra_data") or {}, create_time=_now_ms())
+        if "client_id" in body:
+            extra["client_id"] = body["client_id"]
+        with self.lock:
+            self.pending.append([number, prompt_id, body["prompt"], extra, outputs])
+        return Reply(200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
     def handle_prompt_info(self, request: Request) -> Reply:
         with self.lock:
@@ -181,8 +244,10 @@ class FakeComfyUI(FakeServer):
         with self.lock:  # only pending items go; a running prompt needs /interrupt
             if body.get("clear"):
                 self.pending.clear()
-            doomed = set(body.get("delete") or [])
-            self.pending = [item for item in self.pending if item[1] not in doomed]
+            for doomed in body.get("delete") or []:  # the first item with that id, per id
+                found = next((item for item in self.pending if item[1] == doomed), None)
+                if found is not None:
+                    self.pending.remove(found)
         return Reply(200)
 
     def handle_interrupt(self, request: Request) -> Reply:
@@ -190,24 +255,25 @@ class FakeComfyUI(FakeServer):
         with self.lock:
             self.interrupted.append(target)
             if self.running and target in (None, self.running[1]):
-                self._interrupt.set()
+                self.interrupt_requested.set()
         return Reply(200)
 
     def handle_history(self, request: Request) -> Reply:
+        prompt_id = unquote(request.params["id"])  # aiohttp decodes the path; any id may come
         with self.lock:
-            entry = self.history.get(request.params["id"])
-        return Reply(200, {request.params["id"]: entry} if entry else {})
+            entry = self.history.get(prompt_id)
+        return Reply(200, {prompt_id: entry} if entry else {})
 
     def handle_view(self, request: Request) -> Reply:
         name, kind = request.query.get("filename", ""), request.query.get("type", "output")
         if name.startswith("/") or ".." in name or kind not in ("output", "input", "temp"):
             return Reply(400)
-        data = self.files.get((name, request.query.get("subfolder", ""), kind))
+        with self.lock:
+            data = self.files.get((name, request.query.get("subfolder", ""), kind))
         if data is None:
             return Reply(404)
-        return Reply(
-            200, data, {"Content-Type": "image/png", "Content-Disposition": f'filename="{name}"'}
-        )
+        mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return Reply(200, data, {"Content-Type": mime, "Content-Disposition": f'filename="{name}"'})
 
     def handle_system_stats(self, request: Request) -> Reply:
         return Reply(
@@ -218,7 +284,7 @@ class FakeComfyUI(FakeServer):
             },
         )
 
-    # The worker ----------------------------------------------------------------------------
+    # The worker (main.py prompt_worker, execution.py PromptExecutor) ------------------------
 
     def _work(self) -> None:
         while not self.stopping.is_set():
@@ -228,108 +294,202 @@ class FakeComfyUI(FakeServer):
                     item = min(self.pending, key=lambda i: i[0])
                     self.pending.remove(item)
                     self.running = item
-                    self._interrupt.clear()
+                    self.interrupt_requested.clear()
             if item is None:
                 self.stopping.wait(0.01)
                 continue
-            started = _now_ms()
-            self._finish(item, started, self._run(item, started))
+            run = _Run(self, item)
+            ok = run.execute()
+            with self.lock:
+                self.history[item[1]] = run.history(ok)
+                self.running = self.last_node = None
+            self.emit(item[3].get("client_id"), "executing", {"node": None, "prompt_id": item[1]})
 
-    def _run(self, item: list[Any], started: int) -> bool:
-        """Run for run_seconds, sending the start events and ~10 progress steps a second."""
-        _, prompt_id, graph, extra, _ = item
-        client = extra.get("client_id")
-        stamp = {"prompt_id": prompt_id, "timestamp": started}
-        self._emit(client, "execution_start", stamp)
-        self._emit(client, "execution_cached", {"nodes": [], **stamp})
-        node = next((n for n, v in graph.items() if v.get("class_type") == "KSampler"), None)
-        node = node or next(iter(graph), None)
-        self._emit(
-            client, "executing", {"node": node, "display_node": node, "prompt_id": prompt_id}
+    def cached_nodes(self, signatures: dict[str, str]) -> list[str]:
+        """Keep only the cache entries this prompt can use (the classic cache), and say
+        which of its nodes they answer for."""
+        with self.lock:
+            used = set(signatures.values())
+            self.cache = {k: v for k, v in self.cache.items() if k in used}
+            return [n for n, key in signatures.items() if key in self.cache]
+
+    def save(self, graph: dict[str, Any], node_id: str) -> dict[str, Any]:
+        """Write an output node's files and return its UI output, as the node class would."""
+        node, inputs = graph[node_id], graph[node_id].get("inputs") or {}
+        batch = int(inherited(graph, node_id, "batch_size", 1))
+        if node["class_type"] == "SaveVideo":
+            saved = self._store(inputs["filename_prefix"], "mp4", mp4_bytes(node_id))
+            return {"images": [saved], "animated": [True]}
+        if node["class_type"] == "SaveAnimatedWEBP":
+            saved = self._store(inputs["filename_prefix"], "webp", webp_bytes(batch))
+            return {"images": [saved], "animated": [batch != 1]}
+        if node["class_type"] == "PreviewImage":  # nodes.py: a random temp prefix per node
+            letters = "".join(random.choices("abcdefghijklmnopqrstupvxyz", k=5))
+            prefix, folder = f"ComfyUI_temp_{letters}", "temp"
+        else:
+            prefix, folder = inputs["filename_prefix"], "output"
+        size = [min(int(inherited(graph, node_id, side, 64)), 1024) for side in ("width", "height")]
+        colour = int(inherited(graph, node_id, "color", 0x3366CC))
+        png = png_bytes(*size, ((colour >> 16) & 255, (colour >> 8) & 255, colour & 255))
+        return {"images": [self._store(prefix, "png", png, folder) for _ in range(batch)]}
+
+    def _store(
+        self, prefix: str, extension: str, data: bytes, folder: str = "output"
+    ) -> dict[str, str]:
+        """Save under folder_paths.get_save_image_path's name: the next free counter."""
+        subfolder, _, base = prefix.rpartition("/")
+        taken = re.compile(rf"{re.escape(base)}_(\d{{5}})_\..*")
+        with self.lock:
+            counters = [
+                int(m.group(1))
+                for name, sub, kind in self.files
+                if sub == subfolder and kind == folder and (m := taken.fullmatch(name))
+            ]
+            filename = f"{base}_{max(counters, default=0) + 1:05}_.{extension}"
+            self.files[(filename, subfolder, folder)] = data
+        return {"filename": filename, "subfolder": subfolder, "type": folder}
+
+
+class _Run:
+    """One prompt executed node by node, with the messages and progress of execution.py."""
+
+    def __init__(self, fake: FakeComfyUI, item: list[Any]):
+        self.fake, self.item = fake, item
+        self.prompt_id, self.graph, self.extra, self.outputs = item[1], item[2], item[3], item[4]
+        self.client = self.extra.get("client_id")
+        self.messages: list[list[Any]] = []
+        self.states: dict[str, dict[str, Any]] = {}  # the progress registry's nodes
+        self.executed: list[str] = []
+        self.signatures = {n: signature(self.graph, n) for n in self.graph}
+        self.order = execution_order(self.graph, self.outputs)
+        samplers = [n for n in self.order if self.graph[n]["class_type"] == "KSampler"]
+        self.working = samplers or self.order[:1]
+
+    def message(self, kind: str, data: dict[str, Any], broadcast: bool = False) -> None:
+        """Record an execution_* message in the history, and send it."""
+        data = {**data, "timestamp": _now_ms()}
+        self.messages.append([kind, data])
+        if self.client is not None or broadcast:
+            self.fake.emit(self.client, kind, data, broadcast=self.client is None)
+
+    def execute(self) -> bool:
+        stamp = {"prompt_id": self.prompt_id}
+        self.message("execution_start", stamp)
+        cached = self.fake.cached_nodes(self.signatures)
+        self.message("execution_cached", {"nodes": cached, **stamp})
+        for node_id in self.order:
+            if not self.node(node_id):
+                return False
+        self.message("execution_success", stamp)
+        return True
+
+    def node(self, node_id: str) -> bool:
+        key = self.signatures[node_id]
+        with self.fake.lock:
+            hit, ui = key in self.fake.cache, self.fake.cache.get(key)
+        if hit:  # execution.py tells the client of every cached node, UI output or None
+            self.send("executed", {"node": node_id, "display_node": node_id, "output": ui})
+        elif not self.run(node_id, key):
+            return False
+        self.progress(node_id, "finished", 1, 1)
+        return True
+
+    def run(self, node_id: str, key: str) -> bool:
+        """Execute a node that is not cached; False if the prompt stops here."""
+        self.progress(node_id, "running", 0, 1)
+        self.fake.last_node = node_id
+        self.send("executing", {"node": node_id, "display_node": node_id})
+        if node_id in self.working and not self.steps(node_id):
+            return self.fail(node_id, "execution_interrupted", {}, broadcast=True)
+        if self.fake.config["error"] and node_id == self.working[-1]:
+            return self.fail(node_id, "execution_error", self.error_details(), broadcast=False)
+        output_node = self.graph[node_id]["class_type"] in OUTPUT_NODES
+        ui = self.fake.save(self.graph, node_id) if output_node else None
+        with self.fake.lock:
+            self.fake.cache[key] = ui
+        self.executed.append(node_id)
+        if ui:
+            self.send("executed", {"node": node_id, "display_node": node_id, "output": ui})
+        return True
+
+    def steps(self, node_id: str) -> bool:
+        """Spend this node's share of run_seconds in steps; False if interrupted."""
+        config = self.fake.config
+        wanted = self.graph[node_id].get("inputs", {}).get("steps")
+        default = max(1, min(20, round(config["run_seconds"] * 10)))
+        total = wanted if isinstance(wanted, int) and wanted > 0 else default
+        pause = config["run_seconds"] / len(self.working) / total
+        interrupt, last = self.fake.interrupt_requested, node_id == self.working[-1]
+        for step in range(1, total + 1):
+            if interrupt.wait(pause):
+                return False
+            while last and step == total and config["hold"] and not self.fake.stopping.is_set():
+                if interrupt.wait(0.01):
+                    return False
+            self.progress(node_id, "running", step, total)
+            progress = {"value": step, "max": total, "node": node_id}
+            self.send("progress", progress, broadcast=self.client is None)
+        return True
+
+    def fail(self, node_id: str, kind: str, details: dict, broadcast: bool) -> bool:
+        at = {"prompt_id": self.prompt_id, "node_id": node_id}
+        node_type = self.graph[node_id]["class_type"]
+        self.message(
+            kind,
+            {**at, "node_type": node_type, "executed": list(self.executed), **details},
+            broadcast,
         )
-        steps = max(1, min(20, round(self.config["run_seconds"] * 10)))
-        for step in range(1, steps + 1):
-            if self._interrupt.wait(self.config["run_seconds"] / steps):
-                return True
-            while step == steps and self.config["hold"] and not self.stopping.is_set():
-                if self._interrupt.wait(0.01):
-                    return True
-            progress = {"value": step, "max": steps, "prompt_id": prompt_id, "node": node}
-            self._emit(client, "progress", progress, broadcast=client is None)
         return False
 
-    def _finish(self, item: list[Any], started: int, interrupted: bool) -> None:
-        _, prompt_id, graph, extra, output_ids = item
-        stamp = {"prompt_id": prompt_id, "timestamp": started}
-        messages = [["execution_start", stamp], ["execution_cached", {"nodes": [], **stamp}]]
-        outputs: dict[str, Any] = {}
-        # Failures are pinned on the sampler, where a real run would spend its time.
-        at = {"prompt_id": prompt_id, "node_id": "3", "node_type": "KSampler", "executed": []}
-        if interrupted:
-            messages.append(["execution_interrupted", {**at, "timestamp": _now_ms()}])
-        elif self.config["error"]:
-            failure = {"exception_message": self.config["error"], "exception_type": "RuntimeError"}
-            details = {"traceback": [], "current_inputs": {}, "current_outputs": []}
-            messages.append(
-                ["execution_error", {**at, **failure, **details, "timestamp": _now_ms()}]
-            )
-        else:
-            outputs = {
-                node_id: {"images": [self._save(graph, graph[node_id])]} for node_id in output_ids
-            }
-            messages.append(["execution_success", {"prompt_id": prompt_id, "timestamp": _now_ms()}])
-        ok = not interrupted and not self.config["error"]
-        client = extra.get("client_id")
-        for node_id, output in outputs.items():
-            executed = {"node": node_id, "display_node": node_id, "output": output}
-            self._emit(client, "executed", {**executed, "prompt_id": prompt_id})
-        kind, data = messages[-1]
-        self._emit(client, kind, data, broadcast=kind == "execution_interrupted")
-        with self.lock:
-            self.history[prompt_id] = {
-                "prompt": item,
-                "outputs": outputs,
-                "status": {
-                    "status_str": "success" if ok else "error",
-                    "completed": ok,
-                    "messages": messages,
-                },
-                "meta": {
-                    n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
-                    for n in outputs
-                },
-            }
-            self.running = None
-        self._emit(client, "executing", {"node": None, "prompt_id": prompt_id})
-
-    def _save(self, graph: dict[str, Any], node: dict[str, Any]) -> dict[str, str]:
-        size = next(
-            (
-                {k: n["inputs"][k] for k in ("width", "height")}
-                for n in graph.values()
-                if n["class_type"] in ("EmptyLatentImage", "EmptyImage")
-            ),
-            {"width": 64, "height": 64},
-        )
-        colour = next(
-            (n["inputs"]["color"] for n in graph.values() if n["class_type"] == "EmptyImage"),
-            0x3366CC,
-        )
-        rgb = ((colour >> 16) & 255, (colour >> 8) & 255, colour & 255)
-        temp = node["class_type"] == "PreviewImage"
-        prefix = "ComfyUI_temp" if temp else node["inputs"].get("filename_prefix", "ComfyUI")
-        subfolder, _, base = prefix.rpartition("/")
-        with self.lock:
-            count = self._file_counters[prefix] = self._file_counters.get(prefix, 0) + 1
-        image = {
-            "filename": f"{base}_{count:05}_.png",
-            "subfolder": subfolder,
-            "type": "temp" if temp else "output",
+    def error_details(self) -> dict[str, Any]:
+        return {
+            "exception_message": self.fake.config["error"],
+            "exception_type": "RuntimeError",
+            "traceback": [TRACEBACK],
+            "current_inputs": {},
+            "current_outputs": list(self.signatures),
         }
-        self.files[(image["filename"], subfolder, image["type"])] = png_bytes(
-            min(size["width"], 1024), min(size["height"], 1024), rgb
-        )
-        return image
+
+    def send(self, kind: str, data: dict[str, Any], broadcast: bool = False) -> None:
+        self.fake.emit(self.client, kind, {**data, "prompt_id": self.prompt_id}, broadcast)
+
+    def progress(self, node_id: str, state: str, value: float, maximum: float) -> None:
+        """Update the node's entry and send every started node's state, to every socket."""
+        self.states[node_id] = {"value": value, "max": maximum, "state": state}
+        nodes = {
+            n: {
+                **s,
+                "node_id": n,
+                "prompt_id": self.prompt_id,
+                "display_node_id": n,
+                "parent_node_id": None,
+                "real_node_id": n,
+            }
+            for n, s in self.states.items()
+        }
+        self.fake.emit(None, "progress_state", {"prompt_id": self.prompt_id, "nodes": nodes}, True)
+
+    def history(self, ok: bool) -> dict[str, Any]:
+        """The history entry: the UI output the cache holds for each node of the prompt."""
+        with self.fake.lock:
+            outputs = {
+                n: self.fake.cache[key]
+                for n, key in self.signatures.items()
+                if self.fake.cache.get(key)
+            }
+        return {
+            "prompt": self.item,
+            "outputs": outputs,
+            "status": {
+                "status_str": "success" if ok else "error",
+                "completed": ok,
+                "messages": self.messages,
+            },
+            "meta": {
+                n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
+                for n in outputs
+            },
+        }
 
 
 def ws_accept(key: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,5 +63,30 @@ def test_a_subprocess_fake_answers_the_adapter_and_runs_scenarios():
             provider.start(request)
         seen = requests.get(f"{url}/__fake__/requests", timeout=5).json()
         assert [r["route"] for r in seen] == ["chat", "chat"]
+    finally:
+        assert stop(process) == 0
+
+
+def test_the_comfyui_fake_runs_prompts_and_deletes_files_as_a_subprocess():
+    process, url = start("comfyui")
+    size = {"width": 16, "height": 16, "batch_size": 1, "color": 0}
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": size},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "s"}},
+    }
+    try:
+        body = {"prompt": graph, "prompt_id": "any string"}  # ComfyUI takes any string as id
+        answer = requests.post(f"{url}/prompt", json=body, timeout=5).json()
+        assert answer["prompt_id"] == "any string"
+        history: dict = {}
+        deadline = time.monotonic() + 10
+        while not history and time.monotonic() < deadline:
+            history = requests.get(f"{url}/history/any string", timeout=5).json()
+            time.sleep(0.02)
+        image = history["any string"]["outputs"]["2"]["images"][0]
+        assert requests.get(f"{url}/view", params=image, timeout=5).status_code == 200
+        deleted = requests.post(f"{url}/__fake__/delete_files", json={}, timeout=5)
+        assert deleted.json() == {"deleted": 1}  # the test hook an operator's cleanup stands for
+        assert requests.get(f"{url}/view", params=image, timeout=5).status_code == 404
     finally:
         assert stop(process) == 0

@@ -1,0 +1,186 @@
+"""ComfyUI through real GPU workers against fakes with the real server's behaviours: its
+execution cache, prompt ids it never deduplicates, 200 answers that carry node errors,
+several instances shared by several slots, and prompts that never finish."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from api import create_app
+from pipeline import lifecycle
+from pipeline.tables import job_attempts
+from service.stack import free_port
+from tests.builders import (
+    assert_wallet_matches_ledger,
+    auth,
+    make_company,
+    wait_for,
+    wait_terminal,
+    wallet_of,
+)
+from tests.conftest import distributed_env, runtime_for
+from tests.fakes.comfyui import FakeComfyUI
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.redis]
+
+CREDITS = 100
+
+
+def _graph(colour: int = 0x336699, *, broken_second_output: bool = False) -> dict:
+    """A model-free graph, as a caller would export it: EmptyImage -> SaveImage."""
+    graph = {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": colour}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
+                                                    "filename_prefix": "caller"}},
+    }
+    if broken_second_output:  # an output whose input points at no node
+        graph["3"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 0],
+                                                            "filename_prefix": "other"}}
+    return graph
+
+
+@pytest.fixture
+def comfy():
+    servers = [FakeComfyUI().start(), FakeComfyUI().start()]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def stack(comfy, pg_database, own_redis_prefix, tmp_path):
+    """stack(urls=None, **env) -> (env, runtime, API client, company)."""
+    runtimes = []
+
+    def make(urls=None, **extra):
+        env = distributed_env(
+            tmp_path, pg_database, own_redis_prefix, storage_url=f"file://{tmp_path}/store",
+            COMFY_WORKER_URL=",".join(urls or [c.url for c in comfy]),
+            POLL_INTERVAL_SECONDS="0.1", **extra)
+        rt = runtime_for(env)
+        runtimes.append(rt)
+        return env, rt, create_app(rt).test_client(), make_company(rt.engine, credits=CREDITS)
+
+    yield make
+    for rt in runtimes:
+        rt.engine.dispose()
+
+
+def _submit(client, company, settings=None, *, provider="comfyui"):
+    body = {"contentType": "image", "prompt": "a lighthouse", "settings": settings or {}}
+    if provider:
+        body["provider"] = provider
+    resp = client.post("/v1/jobs", headers=auth(company.api_key), json=body)
+    assert resp.status_code == 202, resp.get_json()
+    return resp.get_json()["jobId"]
+
+
+def _view(client, company, job_id):
+    return client.get(f"/v1/jobs/{job_id}", headers=auth(company.api_key)).get_json()
+
+
+def test_two_slots_on_two_instances_never_queue_on_one_while_the_other_idles(
+        comfy, stack, start_worker):
+    env, rt, client, company = stack()
+    for server in comfy:
+        server.config["run_seconds"] = 1.0
+    depths: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            depths.append(tuple(len(c.pending) + (c.running is not None) for c in comfy))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start_worker(env, queues=["pipeline"], concurrency=2)
+    start_worker(env, queues=["gpu.comfyui"], concurrency=2, pool="prefork")
+    ids = [_submit(client, company, {"seed": n, "steps": 2}) for n in range(6)]
+    statuses = wait_terminal(rt.engine, ids, timeout=120)
+    stop.set()
+    sampler.join()
+    assert set(statuses.values()) == {"completed"}
+    assert max(max(d) for d in depths) == 1  # no prompt ever waited behind another
+    assert all(len(c.history) >= 2 for c in comfy)  # both instances worked
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def test_a_repeated_caller_graph_gets_its_own_output_every_time(comfy, stack, start_worker):
+    env, rt, client, company = stack(urls=[comfy[0].url])
+    start_worker(env, concurrency=4)
+    first = _submit(client, company, {"workflow": _graph()})
+    assert wait_terminal(rt.engine, [first])[first] == "completed"
+    comfy[0].delete_files()  # ComfyUI's output folder cleaned up between the two
+    second = _submit(client, company, {"workflow": _graph()})
+    assert wait_terminal(rt.engine, [second])[second] == "completed"
+    a, b = (_view(client, company, j)["result"] for j in (first, second))
+    # Each job's files land in a folder of its own at ComfyUI, never a cached earlier one.
+    assert a["metadata"]["prompt_id"] in a["metadata"]["subfolder"]
+    assert b["metadata"]["prompt_id"] in b["metadata"]["subfolder"]
+    assert a["metadata"]["subfolder"] != b["metadata"]["subfolder"]
+    assert b["size"] > 0
+    assert len(comfy[0].received("prompt")) == 2
+
+
+def test_node_errors_on_a_200_fail_the_job_and_refund_it(comfy, stack, start_worker):
+    env, rt, client, company = stack(urls=[comfy[0].url])
+    start_worker(env, concurrency=4)
+    job_id = _submit(client, company, {"workflow": _graph(broken_second_output=True)})
+    assert wait_terminal(rt.engine, [job_id])[job_id] == "failed"
+    view = _view(client, company, job_id)
+    assert view["error"]["code"] == "PROVIDER_REJECTED"
+    assert wallet_of(rt.engine, company.company_id).credits_available == CREDITS
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def test_a_job_for_comfyui_never_completes_on_another_provider(stack, start_worker):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env, rt, client, company = stack(urls=[dead], ROUTE_IMAGE="comfyui,local",
+                                     MAX_ATTEMPTS="2")
+    start_worker(env, concurrency=4)
+    named = _submit(client, company, {"workflow": _graph()})
+    routed = _submit(client, company, {"workflow": _graph()}, provider=None)
+    statuses = wait_terminal(rt.engine, [named, routed], timeout=120)
+    assert statuses == {named: "failed", routed: "failed"}
+    for job_id in (named, routed):
+        view = _view(client, company, job_id)
+        assert view["provider"] == "comfyui"
+        assert view["error"]["code"] == "PROVIDER_UNAVAILABLE"
+        with rt.engine.connect() as conn:
+            providers = set(conn.scalars(select(job_attempts.c.provider)
+                                         .where(job_attempts.c.job_id == job_id)))
+        assert providers == {"comfyui"}
+    assert wallet_of(rt.engine, company.company_id).credits_available == CREDITS
+
+
+def test_timed_out_and_cancelled_jobs_are_interrupted_under_the_threads_pool(
+        comfy, stack, start_worker):
+    server = comfy[0]
+    env, rt, client, company = stack(urls=[server.url], COMFYUI_DEADLINE_SECONDS="3",
+                                     STALE_AFTER_SECONDS="5")
+    server.config["hold"] = True  # a prompt runs until it is interrupted
+    try:
+        start_worker(env, queues=["pipeline"], concurrency=2)
+        start_worker(env, queues=["gpu.comfyui"], concurrency=1, pool="threads")
+        timed_out = _submit(client, company, {"workflow": _graph(1)})
+        assert wait_terminal(rt.engine, [timed_out], timeout=60)[timed_out] == "failed"
+        assert _view(client, company, timed_out)["error"]["code"] == "PROVIDER_TIMEOUT"
+        wait_for(lambda: len(server.interrupted) == 1, timeout=10)
+
+        cancelled = _submit(client, company, {"workflow": _graph(2)})
+        wait_for(lambda: server.running is not None, timeout=30)
+        lifecycle.fail(rt.engine, uuid.UUID(cancelled), code="CANCELLED",
+                       message="cancelled by test", status="cancelled")  # as a client's cancel
+        wait_for(lambda: len(server.interrupted) == 2, timeout=15)
+    finally:
+        server.config["hold"] = False
+    wait_for(lambda: server.running is None, timeout=10)
+    assert wallet_of(rt.engine, company.company_id).credits_available == CREDITS
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
