@@ -178,7 +178,7 @@ def pipeline_runtime(env: dict):
 
 @contextmanager
 def api_server(runtime):
-    """The API on a real threaded HTTP server, as pipeline/stack.py runs it."""
+    """The API on a real threaded HTTP server, as service/stack.py runs it."""
     from werkzeug.serving import make_server
 
     werkzeug_log = logging.getLogger("werkzeug")
