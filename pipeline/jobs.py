@@ -55,6 +55,9 @@ def validate_request(req: JobRequest, max_prompt_length: int) -> None:
         )
     if not isinstance(req.settings, dict):
         raise ValidationFailed("settings must be a JSON object.", details={"field": "settings"})
+    if req.provider is not None and not isinstance(req.provider, str):
+        raise ValidationFailed("The provider must be a name (a string).",
+                               details={"field": "provider"})
 
 
 def submit_job(engine, registry, *, principal: Principal, req: JobRequest,

@@ -46,6 +46,12 @@ def choose(conn, registry, routes, company_id, *, content_type: str,
     """The provider for a new job; a clear 400 when the request names an unusable one."""
     usable = configured_for(conn, registry, company_id)
     if requested:
+        if requested in catalogue.BY_NAME and requested not in registry.names():
+            # A provider we know, left out of this deployment (ComfyUI without its URLs).
+            raise ValidationFailed(
+                f"Provider '{requested}' is not configured on this deployment"
+                + (": set COMFY_WORKER_URL." if requested == "comfyui" else "."),
+                details={"field": "provider"}, code="PROVIDER_NOT_CONFIGURED")
         provider = registry.get(requested)
         if content_type not in provider.content_types:
             raise ValidationFailed(f"Provider '{requested}' does not generate {content_type}.",

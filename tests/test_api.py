@@ -183,3 +183,24 @@ def test_signed_file_links_refuse_tampering_and_expiry(client, runtime):
     _assert_envelope(client.get(tampered), 403, "LINK_EXPIRED")
     expired = runtime.storage.url("c/j/output.txt", -10).replace(runtime.settings.public_url, "")
     _assert_envelope(client.get(expired), 403, "LINK_EXPIRED")
+
+
+@pytest.mark.parametrize("where", [("/v1/jobs", "provider"), ("/api/generate", "providerName"),
+                                   ("/api/generate", "provider")])
+@pytest.mark.parametrize("value", [["openai"], {"name": "openai"}, 7])
+def test_a_provider_that_is_not_a_name_is_a_400_that_writes_nothing(
+        client, company, runtime, where, value):
+    path, field = where
+    before = count_jobs(runtime.engine, company.company_id)
+    resp = client.post(path, headers=auth(company.api_key),
+                       json={"contentType": "image", "prompt": "a boat", field: value})
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert resp.get_json()["code"] == "VALIDATION_ERROR"
+    assert count_jobs(runtime.engine, company.company_id) == before
+
+
+def test_a_known_provider_left_unconfigured_is_not_configured_not_unknown(client, company):
+    resp = client.post("/v1/jobs", headers=auth(company.api_key),
+                       json={"contentType": "image", "prompt": "a boat", "provider": "comfyui"})
+    body = _assert_envelope(resp, 400, "PROVIDER_NOT_CONFIGURED")
+    assert "COMFY_WORKER_URL" in body["error"]
