@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from pipeline.db import insert_ignore, utcnow
+from pipeline.db import aware_utc, insert_ignore, utcnow
 from pipeline.tables import provider_circuits
 
 THRESHOLD = 5
@@ -47,7 +47,7 @@ def record_failure(engine, provider: str, *, threshold: int = THRESHOLD,
                        provider_circuits.c.opened_until)
         ).one()
         if row.consecutive_failures >= threshold and not (
-            row.opened_until and _aware(row.opened_until) > now
+            row.opened_until and aware_utc(row.opened_until) > now
         ):
             conn.execute(
                 update(provider_circuits)
@@ -67,9 +67,3 @@ def record_success(engine, provider: str) -> None:
                    provider_circuits.c.consecutive_failures > 0)
             .values(consecutive_failures=0, updated_at=utcnow())
         )
-
-
-def _aware(value):
-    from datetime import UTC
-
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -20,6 +20,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def aware_utc(value: datetime | None) -> datetime | None:
+    """A stored timestamp as an aware UTC datetime (SQLite hands back naive ones)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
 def iso_utc(value: datetime | None) -> str | None:
     """A stored timestamp as ISO 8601 in UTC with a Z, as the API shows it."""
     if value is None:

@@ -107,7 +107,7 @@ class _Run:
         self.provider = rt.registry.get(job.provider)
         self.info = catalogue.info_for(job.provider)
         self.lease: str | None = None
-        self.attempt = 0
+        self.attempt = claim.attempts  # a poll's attempt is the one that started the work
         self.on_provider = 0
         self.remote_id = claim.remote_id
         self.deadline_at = claim.deadline_at
@@ -133,13 +133,8 @@ class _Run:
         return self.deadline_at is not None and utcnow() >= self.deadline_at
 
     def cancel_remote(self, request: GenerationRequest) -> None:
-        """Best effort: stop the provider's work for a job that will not use it."""
-        if not self.remote_id:
-            return
-        try:
-            self.provider.cancel(request, self.remote_id)
-        except ProviderError as exc:
-            log.warning("job %s: could not cancel remote work: %s", self.job.id, exc.message)
+        if self.remote_id:
+            _cancel(self.provider, request, self.remote_id)
 
     def fail(self, code: str, message: str) -> Stop:
         lifecycle.fail(self.engine, self.job.id, code=code, message=message)
@@ -147,8 +142,6 @@ class _Run:
 
     def finish_attempt(self, outcome: str, code: str | None = None,
                        message: str | None = None) -> None:
-        if not self.attempt:  # a poll: the attempt is the one that started the remote job
-            self.attempt = lifecycle.current_attempt(self.engine, self.job.id)
         if self.attempt:
             lifecycle.finish_attempt(self.engine, self.job.id, self.attempt, outcome=outcome,
                                      error_code=code, error=message, remote_id=self.remote_id)
@@ -225,7 +218,7 @@ class _Run:
         except TransientError as exc:
             if circuits.record_failure(self.engine, self.circuit_key()):
                 log.error("circuit opened for %s", self.circuit_key())
-            return self.transient(exc.message, exc.retry_after)
+            return self.transient(exc.message, exc.retry_after, request=request)
         except (ProviderError, PipelineError) as exc:
             return self.refused(request, exc)
         except OperationalError:
@@ -283,8 +276,8 @@ class _Run:
         self.finish_attempt("failed", exc.code, exc.message)
         return self.fail(exc.code, exc.message)
 
-    def transient(self, message: str, retry_after: float | None, *,
-                  counted: bool = True) -> Outcome:
+    def transient(self, message: str, retry_after: float | None, *, counted: bool = True,
+                  request: GenerationRequest | None = None) -> Outcome:
         """Retry later on the same provider, fall back to the next one, or give up.
 
         A failed poll keeps its remote id and is retried until the deadline: the remote
@@ -294,9 +287,9 @@ class _Run:
         if counted:
             self.finish_attempt("transient", "PROVIDER_UNAVAILABLE", message)
         self.release_lease()
-        if self.remote_id:
+        if self.remote_id:  # only a poll has one, and a poll always passes its request
             if self.past_deadline():
-                return self.timed_out(request_for(self.rt, job, self.lease))
+                return self.timed_out(request)
             delay = backoff(1, retry_after)
             lifecycle.release_claim(self.engine, job.id, wake_in=delay)
             return Later(delay, "retry")
@@ -392,12 +385,23 @@ def generate(rt, job_id) -> Outcome:
     return run.run()
 
 
+def _cancel(provider, request: GenerationRequest, remote_id: str) -> None:
+    """Best effort: stop the provider's work for a job that will not use it."""
+    try:
+        provider.cancel(request, remote_id)
+    except ProviderError as exc:
+        log.warning("job %s: could not cancel remote work: %s", request.job_id, exc.message)
+
+
 def _cancel_for_ended(rt, job) -> None:
+    """Cancel the remote work of a job that ended while it ran (read from its row)."""
     try:
         provider = rt.registry.get(job.provider)
-        provider.cancel(request_for(rt, job), job.remote_id)
-    except (ProviderError, PipelineError) as exc:
-        log.warning("job %s: could not cancel remote work: %s", job.id, exc)
+    except PipelineError:  # no longer configured here: nothing we can reach
+        log.warning("job %s: %s is not configured; its remote work is left", job.id,
+                    job.provider)
+        return
+    _cancel(provider, request_for(rt, job), job.remote_id)
 
 
 def abandon(rt, job_id, *, code: str, message: str) -> None:

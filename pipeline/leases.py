@@ -22,13 +22,13 @@ def acquire(engine, resources: list[str], job_id, *, ttl_seconds: float) -> str 
         return None
     now = utcnow()
     with engine.begin() as conn:
-        known = set(conn.scalars(select(provider_leases.c.resource)
-                                 .where(provider_leases.c.resource.in_(resources))))
-        for resource in resources:
-            if resource not in known:
-                insert_ignore(conn, provider_leases, {"resource": resource}, ["resource"])
+        rows = conn.execute(select(provider_leases.c.resource, provider_leases.c.job_id)
+                            .where(provider_leases.c.resource.in_(resources))).all()
+        for resource in set(resources) - {row.resource for row in rows}:
+            insert_ignore(conn, provider_leases, {"resource": resource}, ["resource"])
         # This job's own lease first (a retry of a job that holds one), then any free one.
-        ordered = sorted(resources, key=lambda r: r != _holder(conn, r, job_id))
+        own = {row.resource for row in rows if row.job_id == job_id}
+        ordered = sorted(resources, key=lambda r: r not in own)
         for resource in ordered:
             taken = conn.execute(
                 update(provider_leases)
@@ -46,15 +46,6 @@ def acquire(engine, resources: list[str], job_id, *, ttl_seconds: float) -> str 
             if taken:
                 return resource
     return None
-
-
-def _holder(conn, resource: str, job_id) -> str | None:
-    """`resource` when this job holds it (so it sorts first), else None."""
-    held = conn.execute(
-        select(provider_leases.c.resource)
-        .where(provider_leases.c.resource == resource, provider_leases.c.job_id == job_id)
-    ).first()
-    return resource if held else None
 
 
 def renew(engine, resource: str, job_id, *, ttl_seconds: float) -> bool:

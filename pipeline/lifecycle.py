@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, func, or_, select, update
 
 from pipeline import budgets, ledger
-from pipeline.db import insert_ignore, new_id, utcnow
+from pipeline.db import aware_utc, insert_ignore, new_id, utcnow
 from pipeline.errors import PipelineError
 from pipeline.jobs import get_job
 from pipeline.pricing import PriceTable
@@ -40,6 +40,7 @@ class Claim:
 
     remote_id: str | None
     deadline_at: datetime | None
+    attempts: int  # provider starts so far; a poll belongs to the latest one
 
     @property
     def fresh_start(self) -> bool:
@@ -102,9 +103,9 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
             )
             .values(status="processing", started_at=func.coalesce(jobs.c.started_at, now),
                     heartbeat_at=now, wake_at=None, updated_at=now)
-            .returning(jobs.c.remote_id, jobs.c.deadline_at)
+            .returning(jobs.c.remote_id, jobs.c.deadline_at, jobs.c.attempts)
         ).first()
-    return Claim(row.remote_id, _aware(row.deadline_at)) if row else None
+    return Claim(row.remote_id, aware_utc(row.deadline_at), row.attempts) if row else None
 
 
 def begin_attempt(engine, job_id, provider: str, *, deadline_at: datetime) -> tuple[int, int]:
@@ -127,18 +128,6 @@ def begin_attempt(engine, job_id, provider: str, *, deadline_at: datetime) -> tu
             .where(job_attempts.c.job_id == job_id, job_attempts.c.provider == provider)
         ).scalar_one()
     return attempts, on_provider
-
-
-def current_attempt(engine, job_id) -> int:
-    with engine.connect() as conn:
-        return conn.execute(select(jobs.c.attempts).where(jobs.c.id == job_id)).scalar_one()
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; they were written in UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str | None = None,
@@ -220,8 +209,8 @@ def release_claim(engine, job_id, *, wake_in: float = 0.0, remote_id: str | None
         )
 
 
-def _file_record(key: str, data: bytes, mime_type: str, metadata: dict) -> dict:
-    return {"key": key, "mimeType": mime_type, "size": len(data),
+def _file_record(data: bytes, mime_type: str, metadata: dict) -> dict:
+    return {"mimeType": mime_type, "size": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "metadata": metadata}
 
 
@@ -236,15 +225,11 @@ def save_output(engine, storage, job, output) -> str:
     for number, more in enumerate(output.more, start=2):
         more_key = object_key(job.company_id, job.id, f"output-{number}.{more.extension}")
         storage.put(more_key, more.data, more.mime_type)
-        extra.append(_file_record(more_key, more.data, more.mime_type, more.metadata))
+        extra.append({"key": more_key,
+                      **_file_record(more.data, more.mime_type, more.metadata)})
     storage.put(key, output.data, output.mime_type)
-    record = {
-        "mimeType": output.mime_type,
-        "size": len(output.data),
-        "sha256": hashlib.sha256(output.data).hexdigest(),
-        "usage": output.usage,
-        "metadata": output.metadata,
-    }
+    record = {**_file_record(output.data, output.mime_type, output.metadata),
+              "usage": output.usage}
     if extra:
         record["files"] = extra
     with engine.begin() as conn:
@@ -390,8 +375,5 @@ def fail_for_credits(engine, job_id, exc: PipelineError) -> bool:
 
 def touch(engine, job_id) -> None:
     """Note that the sweeper re-drove the job, so the next sweep waits a full window."""
-    now = utcnow()
     with engine.begin() as conn:
-        conn.execute(update(jobs).where(jobs.c.id == job_id)
-                     .values(updated_at=now, wake_at=case((jobs.c.wake_at.is_(None), None),
-                                                          else_=now)))
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=utcnow()))

@@ -95,13 +95,13 @@ def fallback(conn, registry, routes, job, *, hold_amount, prices) -> str | None:
     if job.provider_pinned or set(job.settings or {}) - PORTABLE_SETTINGS:
         return None
     order = order_for(routes, job.content_type)
-    if job.provider not in order:
-        return None
     if not explicit_route(routes, job.content_type):
         order = tuple(name for name in order if name != "local")
+    if job.provider not in order:
+        return None
     usable = configured_for(conn, registry, job.company_id)
     cooling = cooling_providers(conn, registry)
-    for name in order[order.index(job.provider) + 1:] if job.provider in order else ():
+    for name in order[order.index(job.provider) + 1:]:
         if name not in usable or name in cooling:
             continue
         provider = registry.get(name)
