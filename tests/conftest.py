@@ -153,6 +153,27 @@ def runtime_for(env: dict, *, wrap=lambda publisher: publisher):
     return runtime
 
 
+@pytest.fixture
+def api_stack(pg_database, own_redis_prefix, tmp_path):
+    """api_stack(credits, **env) -> (env, runtime, API client, new company): a distributed
+    setup of one test's own (Redis prefix, local storage), engines disposed at the end."""
+    from api import create_app
+    from tests.builders import make_company
+
+    runtimes = []
+
+    def make(credits, **extra):
+        env = distributed_env(tmp_path, pg_database, own_redis_prefix,
+                              storage_url=f"file://{tmp_path}/store", **extra)
+        rt = runtime_for(env)
+        runtimes.append(rt)
+        return env, rt, create_app(rt).test_client(), make_company(rt.engine, credits=credits)
+
+    yield make
+    for rt in runtimes:
+        rt.engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_runtime(pg_database, tmp_path_factory):
     """A Runtime on the run's PostgreSQL database with local storage and no publisher."""

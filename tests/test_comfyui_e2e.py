@@ -11,19 +11,16 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from api import create_app
 from pipeline import lifecycle
 from pipeline.tables import job_attempts
 from service.stack import free_port
 from tests.builders import (
     assert_wallet_matches_ledger,
     auth,
-    make_company,
     wait_for,
     wait_terminal,
     wallet_of,
 )
-from tests.conftest import distributed_env, runtime_for
 from tests.fakes.comfyui import FakeComfyUI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.redis]
@@ -54,22 +51,14 @@ def comfy():
 
 
 @pytest.fixture
-def stack(comfy, pg_database, own_redis_prefix, tmp_path):
-    """stack(urls=None, **env) -> (env, runtime, API client, company)."""
-    runtimes = []
+def stack(comfy, api_stack):
+    """stack(urls=None, **env) -> (env, runtime, API client, company), on the fakes."""
 
     def make(urls=None, **extra):
-        env = distributed_env(
-            tmp_path, pg_database, own_redis_prefix, storage_url=f"file://{tmp_path}/store",
-            COMFY_WORKER_URL=",".join(urls or [c.url for c in comfy]),
-            POLL_INTERVAL_SECONDS="0.1", **extra)
-        rt = runtime_for(env)
-        runtimes.append(rt)
-        return env, rt, create_app(rt).test_client(), make_company(rt.engine, credits=CREDITS)
+        return api_stack(CREDITS, COMFY_WORKER_URL=",".join(urls or [c.url for c in comfy]),
+                         POLL_INTERVAL_SECONDS="0.1", **extra)
 
-    yield make
-    for rt in runtimes:
-        rt.engine.dispose()
+    return make
 
 
 def _submit(client, company, settings=None, *, provider="comfyui"):

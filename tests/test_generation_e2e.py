@@ -11,17 +11,14 @@ import time
 import pytest
 from sqlalchemy import select
 
-from api import create_app
 from pipeline.tables import job_attempts, jobs, transactions
 from tests.builders import (
     assert_wallet_matches_ledger,
     auth,
-    make_company,
     wait_for,
     wait_terminal,
     wallet_of,
 )
-from tests.conftest import distributed_env, runtime_for
 from tests.fakes.heygen import FakeHeyGen
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.runway import FakeRunway
@@ -45,24 +42,17 @@ def fakes():
 
 
 @pytest.fixture
-def stack(fakes, pg_database, own_redis_prefix, tmp_path):
+def stack(fakes, api_stack):
     """stack(**env) -> (env, runtime, API client, company), all pointed at the fakes."""
-    runtimes = []
 
     def make(**extra):
-        env = distributed_env(
-            tmp_path, pg_database, own_redis_prefix, storage_url=f"file://{tmp_path}/store",
-            OPENAI_BASE_URL=f"{fakes['openai'].url}/v1", OPENAI_API_KEY=KEY,
+        return api_stack(
+            CREDITS, OPENAI_BASE_URL=f"{fakes['openai'].url}/v1", OPENAI_API_KEY=KEY,
             RUNWAY_BASE_URL=fakes["runway"].url, RUNWAY_API_KEY=KEY,
             HEYGEN_BASE_URL=fakes["heygen"].url, HEYGEN_API_KEY=KEY,
             POLL_INTERVAL_SECONDS="0.05", **extra)
-        rt = runtime_for(env)
-        runtimes.append(rt)
-        return env, rt, create_app(rt).test_client(), make_company(rt.engine, credits=CREDITS)
 
-    yield make
-    for rt in runtimes:
-        rt.engine.dispose()
+    return make
 
 
 def _submit(client, company, content_type, provider, settings=None):

@@ -66,7 +66,36 @@ class Reply:
 Behaviour = Reply | Callable[[Request], Reply]
 
 
-class FakeServer:
+class ThreadedServer:
+    """An http.server on a daemon thread of its own: `url`, `start`, `stop`, `with`.
+
+    Subclasses set `self._httpd` (a ThreadingHTTPServer) in their constructor.
+    """
+
+    _httpd: ThreadingHTTPServer
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> Self:
+        # A short poll interval keeps stop() (and so each test's teardown) fast.
+        threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class FakeServer(ThreadedServer):
     """Routes requests to `handle_<name>` methods, unless a scripted behaviour is queued first.
 
     Subclasses list `routes` as (method, path regex, name). Tests script the next answers of a
@@ -91,29 +120,10 @@ class FakeServer:
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False  # a handler sleeping past a client timeout is fine
         self._httpd.fake = self  # type: ignore[attr-defined]
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> Self:
-        # A short poll interval keeps stop() (and so each test's teardown) fast.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
         self.stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().stop()
 
     def push(self, route: str, *behaviours: Behaviour) -> None:
         """Queue the next answers for `route`; once used up, the route behaves normally again."""

@@ -27,10 +27,12 @@ import sys
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 from urllib.request import Request, urlopen
 from xml.sax.saxutils import escape
+
+from tests.fakes.base import ThreadedServer
 
 CONTROL = "/__faults__/"
 
@@ -48,7 +50,7 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-
                          "te", "trailer", "upgrade", "expect"})
 
 
-class S3FaultProxy:
+class S3FaultProxy(ThreadedServer):
     """Forwards to `target_url`; fails the next PutObject requests when told to."""
 
     def __init__(self, target_url: str, host: str = "127.0.0.1", port: int = 0,
@@ -65,26 +67,6 @@ class S3FaultProxy:
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False  # boto3 keeps idle connections open
         self._httpd.proxy = self  # type: ignore[attr-defined]
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> Self:
-        thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
-        thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def fail_puts(self, count: int, code: str = "SlowDown") -> None:
         """Answer the next `count` PutObject requests with the S3 error `code`."""
