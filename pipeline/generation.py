@@ -101,11 +101,11 @@ def _load(engine, job_id):
 class _Run:
     """One delivery of the generate step for one job: the state its helpers share."""
 
-    def __init__(self, rt, job, claim: lifecycle.Claim):
-        self.rt, self.job, self.claim = rt, job, claim
+    def __init__(self, rt, claim: lifecycle.Claim):
+        self.rt, self.job, self.claim = rt, claim.job, claim
         self.settings = rt.settings
-        self.provider = rt.registry.get(job.provider)
-        self.info = catalogue.info_for(job.provider)
+        self.provider = rt.registry.get(self.job.provider)
+        self.info = catalogue.info_for(self.job.provider)
         self.lease: str | None = None
         self.attempt = claim.attempts  # a poll's attempt is the one that started the work
         self.on_provider = 0
@@ -366,19 +366,19 @@ def generate(rt, job_id) -> Outcome:
 
     `rt` carries the engine, storage, provider registry and settings.
     """
-    job = _load(rt.engine, job_id)
-    if job.output_key is not None:
-        return Continue()  # done by an earlier delivery: store and settle find their work
-    if job.status in TERMINAL_STATUSES:
-        if job.remote_id:  # a remote job still running for a job that ended
-            _cancel_for_ended(rt, job)
-        return Stop("terminal")
     claim = lifecycle.claim_generation(rt.engine, job_id,
                                        stale_after=rt.settings.stale_after_seconds)
-    if claim is None:
+    if claim is None:  # not claimable: find out why
+        job = _load(rt.engine, job_id)
+        if job.output_key is not None:
+            return Continue()  # done by an earlier delivery: store and settle find their work
+        if job.status in TERMINAL_STATUSES:
+            if job.remote_id:  # a remote job still running for a job that ended
+                _cancel_for_ended(rt, job)
+            return Stop("terminal")
         return Stop("busy")  # alive in another worker; the sweeper re-drives it if that dies
     try:
-        run = _Run(rt, job, claim)
+        run = _Run(rt, claim)
     except PipelineError as exc:  # the provider is no longer configured on this worker
         lifecycle.fail(rt.engine, job_id, code="PROVIDER_NOT_CONFIGURED", message=exc.message)
         return Stop("PROVIDER_NOT_CONFIGURED")

@@ -11,6 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
 
@@ -38,6 +39,7 @@ log = logging.getLogger("pipeline.lifecycle")
 class Claim:
     """This delivery holds the job: start the provider (no remote id yet) or poll it."""
 
+    job: Any  # the job's row as the claim left it
     remote_id: str | None
     deadline_at: datetime | None
     attempts: int  # provider starts so far; a poll belongs to the latest one
@@ -103,9 +105,11 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
             )
             .values(status="processing", started_at=func.coalesce(jobs.c.started_at, now),
                     heartbeat_at=now, wake_at=None, updated_at=now)
-            .returning(jobs.c.remote_id, jobs.c.deadline_at, jobs.c.attempts)
+            .returning(*jobs.c)
         ).first()
-    return Claim(row.remote_id, aware_utc(row.deadline_at), row.attempts) if row else None
+    if row is None:
+        return None
+    return Claim(row, row.remote_id, aware_utc(row.deadline_at), row.attempts)
 
 
 def begin_attempt(engine, job_id, provider: str, *, deadline_at: datetime) -> tuple[int, int]:
