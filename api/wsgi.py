@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def create():
     """Built per process (gunicorn calls this after fork), never at import."""
     from api import create_app
-    from pipeline.config import Settings
+    from pipeline.config import ConfigError, Settings
     from service.runtime import build_runtime
     from tasks.app import create_celery
     from tasks.chain import CeleryPublisher
 
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(4)  # gunicorn's APP_LOAD_ERROR: the master stops rather than respawning
     return create_app(build_runtime(settings, publisher=CeleryPublisher(create_celery(settings))))

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 SAAS_PROVIDERS = ("openai", "stability", "elevenlabs", "runway", "heygen")
+HOW_TO_MAKE_SECRETS = "pipeline secrets generate"
 
 
-def _read_dotenv(path: Path) -> dict[str, str]:
+class ConfigError(Exception):
+    """The settings cannot run this process; the message says what to set, and how."""
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
     """KEY=VALUE lines; the real environment always wins over the file."""
     values: dict[str, str] = {}
     if not path.is_file():
@@ -26,22 +35,108 @@ def _read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-def _kept_secret(data_dir: Path, name: str, given: str | None, make) -> str:
-    """A secret from the environment, or (embedded mode) one made once beside the data."""
-    if given:
-        return given
+def environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The process's environment over its .env file (PIPELINE_ENV_FILE names another)."""
+    env = dict(os.environ if environ is None else environ)
+    return {**read_dotenv(Path(env.get("PIPELINE_ENV_FILE") or ".env")), **env}
+
+
+def data_dir_of(env: dict[str, str]) -> Path:
+    return Path(env.get("PIPELINE_DATA_DIR") or "var").resolve()
+
+
+def database_url_of(env: dict[str, str]) -> str:
+    return env.get("DATABASE_URL") or f"sqlite:///{data_dir_of(env) / 'pipeline.db'}"
+
+
+def sqlite_file(database_url: str) -> Path | None:
+    """The file of a SQLite database; None for any other database, or one in memory."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
+
+
+def new_secrets() -> dict[str, str]:
+    """Fresh values for both secrets, as `pipeline secrets generate` prints them."""
+    return {"SECRET_KEY": secrets.token_urlsafe(32),
+            # A Fernet key: 32 random bytes, url-safe base64.
+            "PROVIDER_KEY_SECRETS": base64.urlsafe_b64encode(os.urandom(32)).decode()}
+
+
+def _secrets(env: dict[str, str], database_url: str, data_dir: Path) -> dict:
+    """SECRET_KEY and PROVIDER_KEY_SECRETS: from the environment, or made once (embedded).
+
+    Every process that uses one database must hold the same two secrets:
+    PROVIDER_KEY_SECRETS decrypts the company provider keys stored in it, and SECRET_KEY
+    checks the file links any API process signed. So the rule follows the database, not
+    the broker or the storage. A SQLite database is a file on one machine, read by
+    processes that share its data folder: there (the embedded mode) a missing secret is
+    made once into that folder and every process reads the same file. Any other database
+    can be reached from many hosts, where a secret made per host would silently split the
+    system (a key encrypted by the API that no worker can decrypt, links that break
+    between API hosts), so there both must come from the environment, and a process
+    without them refuses to start.
+    """
+    given = {name: env.get(name, "").strip() for name in new_secrets()}
+    missing = [name for name, value in given.items() if not value]
+    backend = make_url(database_url).get_backend_name()
+    if missing and backend != "sqlite":
+        raise ConfigError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Outside "
+            f"the embedded SQLite mode (the database here is {backend}) every API process and "
+            "worker must hold the same SECRET_KEY and PROVIDER_KEY_SECRETS, or company provider "
+            "keys encrypted by one process cannot be decrypted by another and file links "
+            "signed by one API host are refused by the next, so none is made up per host. "
+            f"Make them once with `{HOW_TO_MAKE_SECRETS}` (it prints SECRET_KEY=... and "
+            "PROVIDER_KEY_SECRETS=... lines for a .env file) and give the same values to "
+            "every process.")
+    fresh = new_secrets()
+    values = {name: given[name] or _kept_secret(data_dir, name.lower(), fresh[name])
+              for name in given}
+    fernet_keys = tuple(k.strip() for k in values["PROVIDER_KEY_SECRETS"].split(",")
+                        if k.strip())
+    for number, key in enumerate(fernet_keys, 1):
+        if not _is_fernet_key(key):
+            raise ConfigError(
+                f"PROVIDER_KEY_SECRETS entry {number} of {len(fernet_keys)} is not a Fernet "
+                "key (32 bytes in url-safe base64). Make one with "
+                f"`{HOW_TO_MAKE_SECRETS}`; to rotate, put the new key first, comma-separated.")
+    return {"secret_key": values["SECRET_KEY"], "provider_key_secrets": fernet_keys}
+
+
+def _is_fernet_key(key: str) -> bool:
+    from cryptography.fernet import Fernet
+
+    try:
+        Fernet(key)
+    except ValueError:  # binascii.Error is one too
+        return False
+    return True
+
+
+def _kept_secret(data_dir: Path, name: str, candidate: str) -> str:
+    """The secret kept in `data_dir/name`; `candidate` becomes it if there is none yet.
+
+    Processes starting together (gunicorn's workers, the worker beside the API) race
+    here. Each writes its candidate whole into a private temporary file (0600) and
+    hard-links it to the name; a link never replaces an existing file, so the first
+    writer wins, nobody ever reads a half-written file, and every process then reads
+    the winner's value.
+    """
     path = data_dir / name
-    if path.is_file():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    value = make()
-    path.write_text(value)
-    path.chmod(0o600)
-    return value
-
-
-def _fernet_key() -> str:
-    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+    if not path.is_file():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=data_dir, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(candidate)
+            # FileExistsError: another process got there first, and its value is the one.
+            with contextlib.suppress(FileExistsError):
+                os.link(temp, path)
+        finally:
+            os.unlink(temp)
+    return path.read_text().strip()
 
 
 @dataclass(frozen=True)
@@ -81,40 +176,39 @@ class Settings:
     audit_interval_seconds: float = 300.0
     max_attempts: int = 3
     publish_timeout_seconds: float = 2.0
+    # How long a request's claim on an Idempotency-Key holds before a retry may take it
+    # over (the claiming API process died): longer than a submission takes.
+    idempotency_lease_seconds: float = 10.0
     # How often an asynchronous provider's remote job is polled.
     poll_interval_seconds: float = 3.0
     provider_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def embedded(self) -> bool:
+        """Single-machine mode: a SQLite database or a filesystem broker (one shared disk).
+
+        The secrets follow a narrower rule, the database's alone: see `_secrets`.
+        """
         return self.database_url.startswith("sqlite") or self.broker_url.startswith("filesystem")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
-        env = dict(os.environ if environ is None else environ)
-        env = {**_read_dotenv(Path(env.get("PIPELINE_ENV_FILE", ".env"))), **env}
-        data_dir = Path(env.get("PIPELINE_DATA_DIR", "var")).resolve()
+        """Raises ConfigError when the secrets are missing outside SQLite, or malformed."""
+        env = environment(environ)
+        data_dir = data_dir_of(env)
 
         def number(name: str, default, kind=int):
             return kind(env[name]) if env.get(name) else default
 
         values = {
             "data_dir": data_dir,
-            "database_url": env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'pipeline.db'}",
+            "database_url": database_url_of(env),
             "broker_url": env.get("CELERY_BROKER_URL") or "filesystem://",
             "storage_url": env.get("STORAGE_URL") or f"file://{data_dir / 'storage'}",
-            "secret_key": _kept_secret(data_dir, "secret_key", env.get("SECRET_KEY"),
-                                       lambda: secrets.token_urlsafe(32)),
-            "provider_key_secrets": tuple(
-                k.strip()
-                for k in _kept_secret(data_dir, "provider_key_secrets",
-                                      env.get("PROVIDER_KEY_SECRETS"), _fernet_key).split(",")
-                if k.strip()
-            ),
-            "public_url": env.get("PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/"),
+            "public_url": (env.get("PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/"),
             "broker_key_prefix": env.get("CELERY_BROKER_KEY_PREFIX", ""),
             "s3_endpoint_url": env.get("S3_ENDPOINT_URL") or None,
-            "s3_region": env.get("AWS_DEFAULT_REGION", "us-east-1"),
+            "s3_region": env.get("AWS_DEFAULT_REGION") or "us-east-1",
             "max_prompt_length": number("MAX_PROMPT_LENGTH", 4000),
             "link_ttl_seconds": number("LINK_TTL_SECONDS", 3600),
             "hold_timeout_seconds": number("HOLD_TIMEOUT_SECONDS", 3600),
@@ -126,6 +220,7 @@ class Settings:
             "audit_interval_seconds": number("AUDIT_INTERVAL_SECONDS", 300.0, float),
             "max_attempts": number("MAX_ATTEMPTS", 3),
             "publish_timeout_seconds": number("PUBLISH_TIMEOUT_SECONDS", 2.0, float),
+            "idempotency_lease_seconds": number("IDEMPOTENCY_LEASE_SECONDS", 10.0, float),
             "poll_interval_seconds": number("POLL_INTERVAL_SECONDS", 3.0, float),
             "provider_env": {
                 k: v
@@ -135,6 +230,8 @@ class Settings:
             },
         }
         values.update(overrides)
+        if not {"secret_key", "provider_key_secrets"} <= overrides.keys():
+            values = {**_secrets(env, values["database_url"], data_dir), **values}
         return cls(**values)
 
 

@@ -9,8 +9,20 @@ import sys
 import time
 import uuid
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
-from pipeline.config import Settings
+from pipeline.config import (
+    ConfigError,
+    Settings,
+    database_url_of,
+    environment,
+    read_dotenv,
+    sqlite_file,
+)
+
+# What a command needs before it runs: nothing (`secrets generate`), the settings, or
+# the settings and an existing database.
+NOTHING, SETTINGS, DATABASE = "nothing", "settings", "database"
 
 
 def _emit(args, data: dict, lines: list[str]) -> None:
@@ -181,7 +193,7 @@ def cmd_beat(args, settings):
 
 def cmd_run(args, settings):
     from pipeline.accounts import create_company
-    from service.stack import Stack, port_is_free
+    from service.stack import Stack, port_is_free, stop_on_signals
 
     if not port_is_free(args.host, args.port):
         sys.exit(f"port {args.port} is in use; pass --port to choose another")
@@ -190,24 +202,64 @@ def cmd_run(args, settings):
     _ensure_db(runtime)
     company = create_company(runtime.engine, "local-dev", credits=args.credits)
     stack = Stack(settings, args.host, args.port, concurrency=args.concurrency)
-    stack.start(runtime)
-    _emit(args, {"url": stack.url, "apiKey": company.api_key, "adminKey": company.admin_key,
-                 "companyId": str(company.company_id)}, [
-        f"API       {stack.url}  (docs: {stack.url}/docs)",
-        f"api key   {company.api_key}   ({args.credits} credits, company local-dev)",
-        f"try:      curl -s -X POST {stack.url}/v1/jobs -H 'Authorization: Bearer "
-        f"{company.api_key}' -H 'Content-Type: application/json' "
-        "-d '{\"contentType\":\"image\",\"prompt\":\"a lighthouse at dawn\"}'",
-        "Ctrl-C stops everything.",
-    ])
-    try:
-        while stack.worker_alive():
-            time.sleep(0.5)
-        print("worker exited; stopping", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("\nstopping...", file=sys.stderr)
-    finally:
-        stack.stop()
+    worker_died = False
+    with stop_on_signals():
+        try:
+            stack.start(runtime)
+            _emit(args, {"url": stack.url, "apiKey": company.api_key,
+                         "adminKey": company.admin_key,
+                         "companyId": str(company.company_id)}, [
+                f"API       {stack.url}  (docs: {stack.url}/docs)",
+                f"api key   {company.api_key}   ({args.credits} credits, company local-dev)",
+                f"try:      curl -s -X POST {stack.url}/v1/jobs -H 'Authorization: Bearer "
+                f"{company.api_key}' -H 'Content-Type: application/json' "
+                "-d '{\"contentType\":\"image\",\"prompt\":\"a lighthouse at dawn\"}'",
+                "Ctrl-C stops everything.",
+            ])
+            while stack.worker_alive():
+                time.sleep(0.5)
+            worker_died = True
+            print("worker exited; stopping", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP
+            print("\nstopping...", file=sys.stderr)
+        finally:
+            stack.stop()
+    if worker_died:
+        sys.exit(1)
+
+
+def cmd_secrets_generate(args, settings):
+    from pipeline.config import new_secrets
+
+    values = new_secrets()
+    if args.env_file:
+        added = _fill_env_file(Path(args.env_file), values)
+        print(f"{args.env_file}: " + (f"set {' and '.join(added)}" if added else
+                                      "already sets both; nothing changed"), file=sys.stderr)
+    elif args.json:
+        print(json.dumps(values, indent=2))
+    else:
+        print("\n".join(f"{name}={value}" for name, value in values.items()))
+
+
+def _fill_env_file(path: Path, values: dict[str, str]) -> list[str]:
+    """Sets each name the file leaves unset or empty (as .env.example does); a value
+    already there is kept, since replacing a secret in use breaks what it protects."""
+    present = read_dotenv(path)
+    todo = {name: value for name, value in values.items() if not present.get(name)}
+    lines = path.read_text().splitlines() if path.is_file() else []
+    filled = set()
+    for i, line in enumerate(lines):
+        name = line.partition("=")[0].strip()
+        if "=" in line and name in todo:
+            lines[i] = f"{name}={todo[name]}"
+            filled.add(name)
+    lines += [f"{name}={value}" for name, value in todo.items() if name not in filled]
+    if todo:
+        # A new file is the owner's alone; an existing one keeps its mode.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return list(todo)
 
 
 def cmd_demo(args, settings):
@@ -220,21 +272,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, func, help_, parent=sub):
+    def command(name, func, help_, parent=sub, needs=DATABASE):
         p = parent.add_parser(name, help=help_, description=help_)
         p.add_argument("--json", action="store_true", help="print data as JSON")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, needs=needs)
         return p
 
     db = sub.add_parser("db", help="database commands").add_subparsers(dest="db", required=True)
-    command("init", cmd_db_init, "create the tables (safe to run twice)", db)
+    command("init", cmd_db_init, "create the tables (safe to run twice)", db, needs=SETTINGS)
 
     company = sub.add_parser("company", help="companies").add_subparsers(dest="company",
                                                                         required=True)
     p = command("create", cmd_company_create, "create a company, its wallet and API keys",
-                company)
+                company, needs=SETTINGS)
     p.add_argument("name")
     p.add_argument("--credits", type=_credits, default=Decimal(0))
+
+    secrets = sub.add_parser("secrets", help="the secrets every process must share")
+    p = command("generate", cmd_secrets_generate,
+                "print a new SECRET_KEY and PROVIDER_KEY_SECRETS as .env lines",
+                secrets.add_subparsers(dest="secrets", required=True), needs=NOTHING)
+    p.add_argument("--env-file", metavar="PATH",
+                   help="write them into this .env file instead, where it leaves them unset "
+                        "or empty (a value already there is kept); a new file is made "
+                        "readable by its owner only")
 
     _money_commands(sub, command)
     _process_commands(sub, command)
@@ -293,28 +354,64 @@ def _process_commands(sub, command) -> None:
     p = command("beat", cmd_beat, "start the beat scheduler (the sweeper's clock)")
     p.add_argument("--loglevel", default="INFO")
 
-    p = command("run", cmd_run, "API + worker + beat in the foreground until Ctrl-C")
+    p = command("run", cmd_run, "API + worker + beat in the foreground until Ctrl-C",
+                needs=SETTINGS)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--credits", type=_credits, default=Decimal(100))
     p.add_argument("--concurrency", type=int, default=4)
 
-    p = command("demo", cmd_demo, "start the stack, run one job of each type, check, stop")
+    p = command("demo", cmd_demo, "start the stack, run one job of each type, check, stop",
+                needs=SETTINGS)
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
 
 
+def _settings(needs: str) -> Settings | None:
+    """The settings a command needs. A command that works on an existing database, run
+    where the embedded default has none, says so instead of making an empty ./var and
+    failing on a missing table."""
+    if needs == NOTHING:
+        return None
+    env = environment()
+    path = sqlite_file(database_url_of(env))
+    if needs == DATABASE and path is not None and not path.is_file():
+        raise ConfigError(f"no database here ({path} does not exist): create it with "
+                          "`pipeline db init` (`pipeline run` and `pipeline demo` make their "
+                          "own), or point PIPELINE_DATA_DIR or DATABASE_URL at one")
+    return Settings.from_env(env)
+
+
+def _fail(args, message: str, code: str) -> None:
+    if args.json:
+        print(json.dumps({"error": message, "code": code, "details": {}}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     from pipeline.errors import PipelineError
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args, Settings.from_env())
+        args.func(args, _settings(args.needs))
+    except ConfigError as exc:
+        _fail(args, str(exc), "CONFIG_ERROR")
     except PipelineError as exc:
         if args.json:
             print(json.dumps({"error": exc.message, "code": exc.code, "details": exc.details}))
         else:
             print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
         sys.exit(1)
+    except (OperationalError, ProgrammingError) as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        _fail(args, f"the database cannot be used: {reason}. If its tables are missing, "
+                    "create them with `pipeline db init`.", "DATABASE_ERROR")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def say(as_json: bool, line: str = "") -> None:
 def run_demo(settings: Settings, *, port: int = 0, as_json: bool = False) -> int:
     from pipeline.accounts import create_company
     from service.cli import _ensure_db, _runtime
-    from service.stack import Stack, free_port
+    from service.stack import Stack, free_port, stop_on_signals
 
     port = port or free_port()
     settings = Settings.from_env(public_url=f"http://127.0.0.1:{port}")
@@ -58,11 +58,12 @@ def run_demo(settings: Settings, *, port: int = 0, as_json: bool = False) -> int
     say(as_json, f"API       {stack.url}   (worker log: {log_path})")
     say(as_json, f"company   {company.company_id} with {DEPOSIT} credits")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log in the demo
-    stack.start(runtime)
-    try:
-        report = _drive(stack.url, company.api_key, as_json)
-    finally:
-        stack.stop()
+    with stop_on_signals():
+        try:
+            stack.start(runtime)
+            report = _drive(stack.url, company.api_key, as_json)
+        finally:
+            stack.stop()
     report["companyId"] = str(company.company_id)
     if as_json:
         print(json.dumps(report, indent=2))

@@ -6,6 +6,7 @@ Used by `pipeline run` and `pipeline demo`. Production runs these pieces separat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -42,6 +43,24 @@ def worker_command(queues=ALL_QUEUES, *, pool: str = "threads", concurrency: int
     if beat:
         cmd.append("-B")
     return cmd
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGHUP unwind like Ctrl-C (KeyboardInterrupt) while the stack runs.
+
+    The worker runs in a session of its own (so a terminal's Ctrl-C reaches only us, and
+    we stop it in order); a signal that simply ended this process would leave it, and
+    beat inside it, running. Unwinding instead runs the `finally` that stops them.
+    Call from the main thread.
+    """
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Stack:
@@ -89,18 +108,30 @@ class Stack:
         return self.worker is not None and self.worker.poll() is None
 
     def stop(self, timeout: float = 20) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
-        if self.worker is not None and self.worker.poll() is None:
-            # Warm shutdown: the worker finishes what runs, beat stops with it.
-            os.killpg(self.worker.pid, signal.SIGTERM)
+        """Stops the API and the worker with beat; a second Ctrl-C or SIGTERM while the
+        worker finishes its tasks kills it at once."""
+        worker = self.worker
+        try:
+            if worker is not None and worker.poll() is None:
+                # Warm shutdown: the worker finishes what runs, beat stops with it.
+                self._signal_worker(signal.SIGTERM)
+            if self.server is not None:
+                self.server.shutdown()
+                self.server = None
             deadline = time.monotonic() + timeout
-            while self.worker.poll() is None and time.monotonic() < deadline:
+            while worker is not None and worker.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if self.worker.poll() is None:
-                os.killpg(self.worker.pid, signal.SIGKILL)
-                self.worker.wait()
-        if self._log:
-            self._log.close()
-            self._log = None
+        except KeyboardInterrupt:
+            pass  # asked twice: stop waiting
+        finally:
+            if worker is not None and worker.poll() is None:
+                self._signal_worker(signal.SIGKILL)
+                worker.wait()
+            if self._log:
+                self._log.close()
+                self._log = None
+
+    def _signal_worker(self, sig: int) -> None:
+        # The whole process group: the worker, its pool and beat's process.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.worker.pid, sig)

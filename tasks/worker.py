@@ -1,6 +1,13 @@
 """Entry point for `celery -A tasks.worker`: the app built from the environment's settings."""
 
-from pipeline.config import Settings
+import sys
+
+from pipeline.config import ConfigError, Settings
 from tasks.app import create_celery
 
-app = create_celery(Settings.from_env())
+try:
+    settings = Settings.from_env()
+except ConfigError as exc:
+    # SystemExit passes through celery's app loader; anything else becomes a traceback.
+    sys.exit(f"error: {exc}")
+app = create_celery(settings)

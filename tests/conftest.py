@@ -132,6 +132,7 @@ def distributed_env(tmp_path: Path, pg_url: str, prefix: str, *, storage_url: st
         "CELERY_BROKER_KEY_PREFIX": prefix,
         "STORAGE_URL": storage_url,
         "SECRET_KEY": "test-secret-key",
+        "PROVIDER_KEY_SECRETS": "dGVzdC1rZXktZm9yLXByb3ZpZGVyLWtleXMtMzJieXQ=",
         "PUBLIC_URL": "http://testserver",
         "PIPELINE_ENV_FILE": str(tmp_path / "no.env"),
         **AWS_ENV,
@@ -180,6 +181,7 @@ def pg_runtime(pg_database, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pg-runtime")
     settings = Settings.from_env(environ={
         "PIPELINE_DATA_DIR": str(tmp), "DATABASE_URL": pg_database, "SECRET_KEY": "k",
+        "PROVIDER_KEY_SECRETS": "dGVzdC1rZXktZm9yLXByb3ZpZGVyLWtleXMtMzJieXQ=",
         "PIPELINE_ENV_FILE": str(tmp / "no.env")})
     runtime = build_runtime(settings)
     init_db(runtime.engine)

@@ -31,6 +31,7 @@ def runtime(request, tmp_path):
         url = f"sqlite:///{tmp_path}/ledger.db"
     settings = Settings.from_env(environ={
         "PIPELINE_DATA_DIR": str(tmp_path / "var"), "DATABASE_URL": url, "SECRET_KEY": "k",
+        "PROVIDER_KEY_SECRETS": "dGVzdC1rZXktZm9yLXByb3ZpZGVyLWtleXMtMzJieXQ=",
         "PIPELINE_ENV_FILE": str(tmp_path / "no.env")})
     rt = build_runtime(settings)
     init_db(rt.engine)
