@@ -256,6 +256,11 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     CONSTRAINT ck_idempotency_keys_status CHECK (status IN ('in_flight', 'done'))
 );
 CREATE INDEX IF NOT EXISTS ix_idempotency_keys_expires ON idempotency_keys (expires_at);
+-- The claim of the request running with the key (a lease that lapses in seconds), and
+-- the job the key made, written in the job's own transaction.
+ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS lease_token TEXT;
+ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMPTZ;
+ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS job_id UUID;
 
 -- Spending caps per period (calendar day or month, UTC) for a company, a user or a key.
 -- subject is '' for the whole company, else the user's or the key's id.

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from api import schemas
 from api.auth import current_principal
-from api.idempotency import IDEMPOTENCY_KEY_DOC, idempotent
+from api.idempotency import IDEMPOTENCY_KEY_DOC, Respond, ViewResult, idempotent, on_job_created
 from pipeline import jobs as jobs_uc
 from pipeline.errors import NotFound
 from pipeline.tables import jobs as jobs_table
@@ -24,16 +24,18 @@ def runtime():
     return current_app.extensions["runtime"]
 
 
-def submit(req: jobs_uc.JobRequest) -> dict:
-    """Write the job, then publish its chain: shared by /v1 and the seed endpoints."""
+def submit(req: jobs_uc.JobRequest, respond: Respond) -> ViewResult:
+    """Write the job, publish its chain, answer `respond(job, queued)`: shared by /v1 and
+    the seed endpoints. Under an Idempotency-Key the answer is stored with the job."""
     rt = runtime()
     job = jobs_uc.submit_job(rt.engine, rt.registry, principal=current_principal(), req=req,
                              max_prompt_length=rt.settings.max_prompt_length,
-                             routes=rt.settings.provider_env)
+                             routes=rt.settings.provider_env,
+                             on_created=on_job_created(respond))
     queued = jobs_uc.dispatch(rt.engine, rt.publisher, job["id"],
                               rt.registry.queue_for(job["provider"]))
     job["status"] = "queued" if queued else "pending"
-    return job
+    return respond(job, queued)
 
 
 def parse_job_id(value: str) -> uuid.UUID:
@@ -86,13 +88,13 @@ class Jobs(MethodView):
             provider=body.get("providerName") or body.get("provider"),
         )
 
-        def create():
-            job = submit(req)
-            accepted = {"jobId": str(job["id"]), "status": job["status"],
-                        "estimatedCost": str(job["estimated_cost"])}
-            return accepted, 202, _location(accepted)
+        def accepted(job: dict, queued: bool):
+            view = {"jobId": str(job["id"]), "status": "queued" if queued else "pending",
+                    "estimatedCost": str(job["estimated_cost"])}
+            return view, 202, _location(view)
 
-        return idempotent("POST /v1/jobs", body, create, replay_headers=_replay_location)
+        return idempotent("POST /v1/jobs", body, lambda: submit(req, accepted),
+                          replay_headers=_replay_location)
 
     @blp.arguments(schemas.JobListQuery, location="query")
     @blp.response(200, schemas.JobList)

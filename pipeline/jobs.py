@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import Connection, and_, select, update
 
 from pipeline import budgets, ledger, routing
 from pipeline.db import iso_utc, new_id, utcnow
@@ -45,8 +47,9 @@ def validate_request(req: JobRequest, max_prompt_length: int) -> None:
             f"Unknown content type '{req.content_type}'.",
             details={"field": "contentType", "allowed": list(CONTENT_TYPES)},
         )
-    if not isinstance(req.prompt, str) or not req.prompt.strip():
-        raise ValidationFailed("The prompt must not be empty.", details={"field": "prompt"})
+    if not isinstance(req.prompt, str) or not visible(req.prompt):
+        raise ValidationFailed("The prompt must not be empty (or only spaces and invisible "
+                               "characters).", details={"field": "prompt"})
     if len(req.prompt) > max_prompt_length:
         raise ValidationFailed(
             f"The prompt is longer than {max_prompt_length} characters.",
@@ -60,11 +63,20 @@ def validate_request(req: JobRequest, max_prompt_length: int) -> None:
                                details={"field": "provider"})
 
 
+def visible(text: str) -> bool:
+    """Whether the text has a character one could see: not only spaces, line breaks,
+    control or format characters (zero-width space, BOM, bidi marks) or lone accents."""
+    return any(unicodedata.category(ch)[0] not in "ZCM" for ch in text)
+
+
 def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
-               max_prompt_length: int, routes: dict[str, str] | None = None) -> dict:
+               max_prompt_length: int, routes: dict[str, str] | None = None,
+               on_created: Callable[[Connection, dict], None] | None = None) -> dict:
     """Validate, route, price and write the job and its dispatch record in one transaction.
 
     `routes` is the provider order per content type (settings.provider_env's ROUTE_*).
+    `on_created(conn, job)` runs inside that transaction after the job is written (the
+    API stores the Idempotency-Key's response there); if it raises, no job is made.
 
     Refuses at once (InsufficientCredits) when the wallet plainly cannot cover the
     estimate; the binding hold is taken later by the chain's reserve step. Publishing
@@ -101,7 +113,10 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
         conn.execute(
             job_dispatches.insert().values(job_id=job_id, queue=registry.queue_for(provider))
         )
-        return dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping)
+        job = dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping)
+        if on_created is not None:
+            on_created(conn, job)
+        return job
 
 
 def dispatch(engine, publisher, job_id, queue: str) -> bool:

@@ -349,6 +349,10 @@ idempotency_keys = Table(
     Column("response_body", Json),
     _now(),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    # The claim of the request running with the key: its token, and when it lapses.
+    Column("lease_token", Text),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("job_id", Uuid),
     PrimaryKeyConstraint("company_id", "key", name="pk_idempotency_keys"),
     CheckConstraint("status IN ('in_flight', 'done')", name="ck_idempotency_keys_status"),
     Index("ix_idempotency_keys_expires", "expires_at"),

@@ -197,36 +197,90 @@ def test_an_expired_key_can_be_used_again(client, company, runtime):
         fresh.get_json()
 
 
-def test_a_key_still_in_flight_is_409(client, company, runtime):
+def test_a_key_still_in_flight_is_409_with_the_seconds_left(client, company, runtime):
     key = str(uuid.uuid4())
     _post(client, company, key)
     # As if the first request were still running: claimed, no response stored yet.
     _set_key(runtime.engine, company.company_id, key,
-             "status = 'in_flight', response_status = NULL, response_body = NULL")
+             "status = 'in_flight', response_status = NULL, response_body = NULL, "
+             "lease_token = 'other', lease_expires_at = now() + interval '5 seconds'")
 
-    body = _assert_envelope(_post(client, company, key), 409, "IDEMPOTENCY_IN_FLIGHT")
+    resp = _post(client, company, key)
+    body = _assert_envelope(resp, 409, "IDEMPOTENCY_IN_FLIGHT")
     assert "still being processed" in body["error"]
+    assert 1 <= int(resp.headers["Retry-After"]) <= 5
+    assert body["details"]["retryAfterSeconds"] == int(resp.headers["Retry-After"])
     assert count_jobs(runtime.engine, company.company_id) == 1
     # Another body with the key is still a misuse, whatever the first request's state.
     _assert_envelope(_post(client, company, key, {**KITE, "prompt": "x"}), 422,
                      "IDEMPOTENCY_KEY_REUSED")
 
 
-def test_a_row_claimed_directly_is_in_flight_for_the_same_hash_only(runtime, company):
+def test_a_lapsed_lease_is_taken_over_and_the_job_made_once(client, company, runtime):
+    # The first request's process died after claiming the key and before its job's
+    # commit: nothing was made, and the lease has run out.
+    engine, cid, key = runtime.engine, company.company_id, str(uuid.uuid4())
+    lost = idempotency.begin(engine, cid, key, idempotency.request_hash(
+        {"endpoint": "POST /v1/jobs", "body": {**KITE, "providerName": None, "provider": None}}),
+        lease_seconds=0)
+    assert isinstance(lost, idempotency.Claim)
+
+    retry = _post(client, company, key)
+    assert retry.status_code == 202, retry.get_json()
+    assert "Idempotent-Replayed" not in retry.headers
+    row = _key_row(engine, cid, key)
+    assert row.status == "done"
+    assert str(row.job_id) == retry.get_json()["jobId"]
+    # Had the first request only been slow, its job's transaction now finds the claim
+    # gone and rolls back: one key, one job.
+    with pytest.raises(idempotency.LeaseLost), engine.begin() as conn:
+        idempotency.complete(conn, lost, 202, {"jobId": "never"})
+    assert _post(client, company, key).get_json() == retry.get_json()
+    assert count_jobs(engine, cid) == 1
+
+
+def test_an_error_after_the_jobs_commit_keeps_the_key_on_the_job(client, company, runtime,
+                                                                  monkeypatch):
+    key = str(uuid.uuid4())
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("lost the broker and the database at once")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("api.jobs.jobs_uc.dispatch", broken)
+        _assert_envelope(_post(client, company, key), 500, "INTERNAL_ERROR")
+    row = _key_row(runtime.engine, company.company_id, key)
+    assert row.status == "done"
+    assert row.job_id is not None
+
+    retry = _post(client, company, key)
+    assert retry.status_code == 202
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.get_json() == {"jobId": str(row.job_id), "status": "pending",
+                                "estimatedCost": retry.get_json()["estimatedCost"]}
+    assert count_jobs(runtime.engine, company.company_id) == 1
+
+
+def test_the_stored_response_follows_the_publish(client, company, runtime):
+    key = str(uuid.uuid4())
+    first = _post(client, company, key)
+    assert first.get_json()["status"] == "queued"
+    # Stored as `pending` in the job's transaction, revised once the chain was published.
+    assert _key_row(runtime.engine, company.company_id, key).response_body == first.get_json()
+
+
+def test_claims_work_directly_for_the_same_hash_only(runtime, company):
     engine, cid = runtime.engine, company.company_id
     h = idempotency.request_hash({"b": 1, "a": [1, 2]})
     assert h == idempotency.request_hash({"a": [1, 2], "b": 1})
-    with engine.begin() as conn:
-        conn.execute(idempotency_keys.insert().values(
-            company_id=cid, key="k", request_hash=h, status="in_flight",
-            expires_at=text("now() + interval '1 hour'")))
+    claim = idempotency.begin(engine, cid, "k", h)
     with pytest.raises(idempotency.IdempotencyInFlight):
         idempotency.begin(engine, cid, "k", h)
     with pytest.raises(idempotency.IdempotencyKeyReused):
         idempotency.begin(engine, cid, "k", idempotency.request_hash({"b": 2}))
-    idempotency.finish(engine, cid, "k", 202, {"jobId": "j"})
+    idempotency.finish(engine, claim, 202, {"jobId": "j"})
     assert idempotency.begin(engine, cid, "k", h) == idempotency.Replay(202, {"jobId": "j"})
-    idempotency.abandon(engine, cid, "k")  # a done key is never given back
+    idempotency.abandon(engine, claim)  # a done key is never given back
     assert idempotency.begin(engine, cid, "k", h) == idempotency.Replay(202, {"jobId": "j"})
 
 
