@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from flask import Flask
 from flask_smorest import Api
+from marshmallow import fields, validate
 
+from api import gate
 from api.errors import register_error_handlers
 
 
@@ -19,7 +23,6 @@ def create_app(runtime) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
-        MAX_CONTENT_LENGTH=1024 * 1024,
         API_SPEC_OPTIONS={
             "components": {"securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer",
@@ -29,6 +32,7 @@ def create_app(runtime) -> Flask:
     )
     app.extensions["runtime"] = runtime
     api = Api(app)
+    api.ma_plugin.converter.add_attribute_function(numeric_range)
     from api import files, health, jobs, metrics, provider_keys, seed, wallet
 
     api.register_blueprint(jobs.blp)
@@ -38,5 +42,34 @@ def create_app(runtime) -> Flask:
     app.register_blueprint(seed.blp)
     app.register_blueprint(health.blp)
     app.register_blueprint(metrics.blp)
+    gate.install(app)
     register_error_handlers(app)
     return app
+
+
+def numeric_range(_converter, field, ret: dict, **_kwargs) -> dict:
+    """A Range on a number field as JSON Schema numbers, exclusive where the check is.
+
+    apispec writes the bounds through the field, so a Decimal shown as a string gets
+    the minimum "0.000000", which schema tools reject; and it drops exclusiveness."""
+    if not isinstance(field, fields.Number) or ret.get("type") not in ("number", "integer"):
+        return {}
+    bounds = {}
+    for check in field.validators:
+        if not isinstance(check, validate.Range):
+            continue
+        if check.min is not None:
+            bounds["minimum"] = _plain(check.min)
+            if not check.min_inclusive:
+                bounds["exclusiveMinimum"] = True
+        if check.max is not None:
+            bounds["maximum"] = _plain(check.max)
+            if not check.max_inclusive:
+                bounds["exclusiveMaximum"] = True
+    return bounds
+
+
+def _plain(value):
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value

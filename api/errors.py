@@ -37,13 +37,29 @@ def _validation_details(exc: HTTPException) -> dict:
     messages = data.get("messages") or {}
     if isinstance(messages, dict) and len(messages) == 1:
         (messages,) = messages.values()
-    return {"fields": messages} if messages else {}
+    if not messages:
+        return {}
+    return {"field": _first_field(messages), "fields": messages}
+
+
+def _first_field(messages) -> str | None:
+    """The path of the first field marshmallow complained about: `settings.width`."""
+    path = []
+    while isinstance(messages, dict) and messages:
+        name = sorted(messages, key=str)[0]
+        path.append(str(name))
+        messages = messages[name]
+    return ".".join(path) or None
 
 
 def register_error_handlers(app) -> None:
     @app.errorhandler(PipelineError)
     def _pipeline_error(exc: PipelineError):
-        return envelope(exc.message, exc.code, exc.status, exc.details)
+        response = envelope(exc.message, exc.code, exc.status, exc.details)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -8,6 +8,7 @@ from flask_smorest import Blueprint
 from marshmallow import RAISE, Schema, fields
 
 from api.auth import require_admin
+from api.gate import admin_only
 from api.schemas import ErrorEnvelope
 from pipeline import provider_keys as keys_uc
 from pipeline.config import SAAS_PROVIDERS
@@ -51,14 +52,9 @@ def _runtime():
     return current_app.extensions["runtime"]
 
 
-@blp.before_request
-def _admin_only():
-    # Checked before the body is parsed, so a client key learns nothing from a 400.
-    require_admin()
-
-
 @blp.route("")
 class ProviderKeys(MethodView):
+    @admin_only
     @blp.response(200, ProviderKeyList)
     @blp.alt_response(401, schema=ErrorEnvelope, description="Missing or bad API key")
     @blp.alt_response(403, schema=ErrorEnvelope, description="The API key is not admin-scoped")
@@ -74,6 +70,7 @@ class ProviderKeys(MethodView):
 
 @blp.route("/<string:provider>")
 class ProviderKeyByName(MethodView):
+    @admin_only
     @blp.arguments(ProviderKeyPut)
     @blp.response(200, ProviderKey)
     @blp.alt_response(400, schema=ErrorEnvelope,
@@ -93,6 +90,7 @@ class ProviderKeyByName(MethodView):
         return keys_uc.set_key(rt.engine, keys_uc.cipher(rt.settings.provider_key_secrets),
                                principal.company_id, provider, body["apiKey"])
 
+    @admin_only
     @blp.response(204)
     @blp.alt_response(401, schema=ErrorEnvelope, description="Missing or bad API key")
     @blp.alt_response(403, schema=ErrorEnvelope, description="The API key is not admin-scoped")

@@ -9,9 +9,11 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from api.auth import current_principal, require_admin
+from api.gate import admin_only
 from api.jobs import runtime
 from pipeline import budgets
 from pipeline import wallets as wallets_uc
+from pipeline.ledger import MAX_AMOUNT
 from pipeline.tables import TRANSACTION_TYPES
 from pipeline.wallets import list_transactions, wallet_summary
 
@@ -40,8 +42,8 @@ class WalletSchema(Schema):
 
 
 class DepositSchema(Schema):
-    amount = fields.Decimal(required=True, places=6, validate=validate.Range(min=0,
-                            min_inclusive=False), as_string=True)
+    amount = fields.Decimal(required=True, places=6, as_string=True, validate=validate.Range(
+        min=0, min_inclusive=False, max=MAX_AMOUNT))
     reference = fields.String(required=True, validate=validate.Length(1, 200), metadata={
         "description": "Your unique id for this deposit: a retry with it changes nothing"})
     reason = fields.String(load_default="", validate=validate.Length(max=500))
@@ -50,6 +52,7 @@ class DepositSchema(Schema):
 class RefundSchema(Schema):
     jobId = fields.UUID(required=True)
     amount = fields.Decimal(load_default=None, places=6, as_string=True,
+                            validate=validate.Range(min=0, min_inclusive=False, max=MAX_AMOUNT),
                             metadata={"description": "Default: the job's whole charge"})
     reference = fields.String(required=True, validate=validate.Length(1, 200))
     reason = fields.String(load_default="", validate=validate.Length(max=500))
@@ -63,7 +66,7 @@ class MoneyMoveResult(Schema):
 class BudgetSet(Schema):
     period = fields.String(required=True, validate=validate.OneOf(budgets.PERIODS))
     cap = fields.Decimal(required=True, places=6, as_string=True,
-                         validate=validate.Range(min=0))
+                         validate=validate.Range(min=0, max=MAX_AMOUNT))
     scope = fields.String(load_default="company", validate=validate.OneOf(budgets.SCOPES))
     subject = fields.String(load_default="", metadata={
         "description": "The user id or API key id, for user and api_key budgets"})
@@ -116,6 +119,7 @@ class Transactions(MethodView):
 
 @blp.route("/deposits")
 class Deposits(MethodView):
+    @admin_only
     @blp.arguments(DepositSchema)
     @blp.response(201, MoneyMoveResult)
     def post(self, body):
@@ -127,6 +131,7 @@ class Deposits(MethodView):
 
 @blp.route("/refunds")
 class Refunds(MethodView):
+    @admin_only
     @blp.arguments(RefundSchema)
     @blp.response(201, MoneyMoveResult)
     def post(self, body):
@@ -145,6 +150,7 @@ class Budgets(MethodView):
         with runtime().engine.connect() as conn:
             return budgets.summaries(conn, current_principal().company_id)
 
+    @admin_only
     @blp.arguments(BudgetSet)
     @blp.response(200, BudgetSchema(many=True))
     def put(self, body):

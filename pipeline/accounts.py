@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -69,6 +70,17 @@ def authenticate(engine, secret: str | None) -> Principal:
     if row is None or row.revoked_at is not None:
         raise Unauthorized("Invalid API key.")
     return Principal(row.company_id, row.user_id, row.id, row.scope)
+
+
+def user_in_company(engine, user_id, company_id) -> bool:
+    """Whether `user_id` (any string) names a user of the company."""
+    try:
+        user_id = uuid.UUID(str(user_id))
+    except ValueError:
+        return False
+    with engine.connect() as conn:
+        return conn.execute(select(users.c.id).where(
+            users.c.id == user_id, users.c.company_id == company_id)).first() is not None
 
 
 def revoke_api_key(engine, key_id) -> None:

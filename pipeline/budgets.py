@@ -18,7 +18,8 @@ from sqlalchemy import and_, func, or_, select, update
 from pipeline.config import credits
 from pipeline.db import insert_ignore, new_id, utcnow
 from pipeline.errors import PipelineError, ValidationFailed
-from pipeline.tables import budgets, credit_holds, jobs, transactions
+from pipeline.ledger import MAX_AMOUNT, ZERO
+from pipeline.tables import api_keys, budgets, credit_holds, jobs, transactions, users
 
 PERIODS = ("day", "month")
 _ADJECTIVE = {"day": "daily", "month": "monthly"}
@@ -58,20 +59,32 @@ def set_budget(engine, company_id, *, period: str, cap, scope: str = "company",
                                "for them.", details={"field": "subject"})
     if subject:
         try:
-            uuid.UUID(str(subject))
+            subject = str(uuid.UUID(str(subject)))
         except ValueError:
             raise ValidationFailed("subject must be a user id or an API key id.",
                                    details={"field": "subject"}) from None
     cap = credits(cap)
-    if cap < 0:
-        raise ValidationFailed("cap must be zero or more.", details={"field": "cap"})
+    if not ZERO <= cap <= MAX_AMOUNT:
+        raise ValidationFailed(f"cap must be from 0 to {MAX_AMOUNT}.",
+                               details={"field": "cap", "max": str(MAX_AMOUNT)})
     with engine.begin() as conn:
+        if subject and not _belongs(conn, company_id, scope, subject):
+            # Another company's user or key is reported exactly as one that does not exist.
+            noun = "user" if scope == "user" else "API key"
+            raise ValidationFailed(f"This company has no {noun} with id {subject}.",
+                                   details={"field": "subject"})
         key = {"company_id": company_id, "scope": scope, "subject": str(subject),
                "period": period}
         if not insert_ignore(conn, budgets, {"id": new_id(), "cap": cap, **key},
                              ["company_id", "scope", "subject", "period"]):
             conn.execute(update(budgets).filter_by(**key).values(cap=cap, updated_at=utcnow()))
     return {"scope": scope, "subject": str(subject), "period": period, "cap": str(cap)}
+
+
+def _belongs(conn, company_id, scope: str, subject: str) -> bool:
+    table = users if scope == "user" else api_keys
+    return conn.execute(select(table.c.id).where(
+        table.c.id == uuid.UUID(subject), table.c.company_id == company_id)).first() is not None
 
 
 def _subject_filter(budget):

@@ -20,6 +20,12 @@ from pipeline.errors import InsufficientCredits, LedgerConflict, NotFound, Valid
 from pipeline.tables import credit_holds, transactions, wallets
 
 ZERO = Decimal("0.000000")
+# The most a wallet's available + held + used may add up to: what both backends hold,
+# the smaller being SQLite's micro-credits in a signed 64-bit integer (NUMERIC(20, 6) on
+# PostgreSQL goes to 10^14).
+MAX_BALANCE = Decimal("9223372036854.775807")
+# The most one deposit, refund or budget cap may be: far above any real use.
+MAX_AMOUNT = Decimal("1000000000000")
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,17 @@ def deposit(conn, wallet_id, amount, *, key: str, metadata: dict | None = None) 
     amount = credits(amount)
     if amount <= 0:
         raise ValueError("a deposit must be positive")
+    if amount > MAX_AMOUNT:
+        raise ValidationFailed(f"A deposit may be at most {MAX_AMOUNT} credits.",
+                               details={"field": "amount", "max": str(MAX_AMOUNT)})
     if _record(conn, wallet_id=wallet_id, type_="deposit", amount=amount, key=key,
                metadata=metadata):
+        wallet = conn.execute(select(wallets).where(wallets.c.id == wallet_id)).one()
+        total = wallet.credits_available + wallet.credits_held + wallet.credits_used
+        if total + amount > MAX_BALANCE:
+            raise ValidationFailed(  # the caller's transaction rolls the entry back
+                "This deposit would take the wallet past the most it can hold.",
+                details={"field": "amount", "max": str(MAX_BALANCE - total)})
         _move(conn, wallet_id, credits_available=amount)
         return True
     return False

@@ -29,13 +29,20 @@ def parse_settings(settings: dict[str, Any]) -> AudioSettings:
 
     Checking the voice loads eSpeak NG (a few milliseconds, once per process).
     """
-    parsed = AudioSettings(
-        voice=str_setting(settings, "voice", default=DEFAULT_VOICE, max_length=64),
-        speed=int_setting(settings, "speed", default=175, low=80, high=450),
-    )
-    if not espeak.has_voice(parsed.voice):
-        raise reject(f'voice {parsed.voice!r} is not an eSpeak NG voice (try "en" or "fr")')
-    return parsed
+    asked = str_setting(settings, "voice", default=DEFAULT_VOICE, max_length=64)
+    voice = next((name for name in _candidates(asked) if espeak.has_voice(name)), None)
+    if voice is None:
+        raise reject(f'voice {asked!r} is not an eSpeak NG voice or a locale it speaks '
+                     '(try "en", "fr" or "en-US")')
+    return AudioSettings(voice=voice,
+                         speed=int_setting(settings, "speed", default=175, low=80, high=450))
+
+
+def _candidates(voice: str) -> list[str]:
+    """The voice as named, then its locale and language: a cloud voice name such as
+    Google's "en-US-Neural2-D" (seed 002's example) is read as eSpeak's "en-us", then "en"."""
+    parts = voice.split("-")
+    return [voice, "-".join(parts[:2]).lower(), parts[0].lower()]
 
 
 def estimate_usage(prompt: str, settings: dict[str, Any]) -> dict[str, float]:
