@@ -32,7 +32,9 @@ def broker_options(settings: Settings) -> dict:
             # which follows the GPU deadline) plus the longest retry countdown.
             "visibility_timeout": max(celeryconfig.REDIS_VISIBILITY_TIMEOUT,
                                       generate_time_limit(settings) + 1200),
-            # Bounded waits so a submit with Redis down answers quickly.
+            # The app's own connections (workers consuming, beat, a task's retry): a
+            # broker that vanishes without closing the socket is noticed within these.
+            # Job chains are published with tighter ones (publisher_options).
             "socket_connect_timeout": settings.publish_timeout_seconds,
             "socket_timeout": 30,
         }
@@ -40,6 +42,25 @@ def broker_options(settings: Settings) -> dict:
             options["global_keyprefix"] = settings.broker_key_prefix
         return options
     return {}
+
+
+def publisher_options(settings: Settings) -> dict:
+    """broker_options for the publisher's own connections: no socket wait outlasts the bound.
+
+    Kept off the workers' connections: their BRPOP and heartbeats want longer waits.
+    """
+    options = broker_options(settings)
+    timeout = settings.publish_timeout_seconds
+    url = settings.broker_url
+    if url.startswith(("redis", "rediss")):
+        # A broker that accepts the connection and never answers (stopped, or a black
+        # hole on the path) fails each command after `timeout` instead of 30 s.
+        options.update(socket_connect_timeout=timeout, socket_timeout=timeout)
+    elif url.startswith(("amqp", "pyamqp")):
+        # Connect and handshake are bounded by connect_timeout; these bound a declare's
+        # reply and a write into a full socket buffer.
+        options.update(read_timeout=timeout, write_timeout=timeout, confirm_publish=True)
+    return options
 
 
 def create_celery(settings: Settings) -> Celery:

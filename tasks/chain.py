@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 from celery import chain
 
 from tasks import names
@@ -23,15 +28,75 @@ def build_chain(app, job_id, generate_queue: str):
 
 
 class CeleryPublisher:
-    """Publishes a committed job's chain; gives up fast so a request never hangs on it."""
+    """Publishes a committed job's chain, or raises within settings.publish_timeout_seconds.
 
-    def __init__(self, app):
+    The caller (a request, or the sweeper holding outbox rows locked) never waits on the
+    broker longer than the bound, whether it refuses, hangs or drops packets: the publish
+    runs on threads of its own and the caller waits for it, and for a free thread, until
+    the deadline only. At most `max_in_flight` publishes run at once, each on a pooled
+    connection whose socket waits are bounded too (tasks.app.publisher_options), so a
+    hung broker holds a few threads for a few seconds and never piles them up. A publish
+    that succeeds after its caller gave up sends a chain that the outbox relay sends
+    again; each step claims the job, so the copy does nothing.
+    """
+
+    # Enough that a burst of requests on a slow but healthy broker never queues for a
+    # thread (each one that waited would answer `pending`); few enough that a hung broker
+    # cannot pile threads or connections up.
+    MAX_IN_FLIGHT = 64
+
+    def __init__(self, app, max_in_flight: int = MAX_IN_FLIGHT):
         self.app = app
+        self.timeout = app.settings.publish_timeout_seconds
+        self.max_in_flight = max_in_flight
+        self._restart = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        # Nothing here connects or starts a thread before the first publish.
+        from tasks.app import publisher_options
+
+        connection = self.app.connection_for_write(
+            connect_timeout=self.timeout,
+            transport_options=publisher_options(self.app.settings))
+        self._connections = connection.Pool(limit=self.max_in_flight)
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
+        self._threads = ThreadPoolExecutor(self.max_in_flight,
+                                           thread_name_prefix="broker-publish")
+        self._pid = os.getpid()
 
     def publish(self, job_id, queue: str) -> None:
-        timeout = self.app.settings.publish_timeout_seconds
-        build_chain(self.app, job_id, queue).apply_async(
-            retry=True,
-            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": timeout,
-                          "interval_max": timeout},
-        )
+        deadline = time.monotonic() + self.timeout
+        if self._pid != os.getpid():
+            # Forked since (a pool built before a fork is not the child's to use).
+            with self._restart:
+                if self._pid != os.getpid():
+                    self._start()
+        if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0)):
+            raise TimeoutError(f"{self.max_in_flight} publishes still wait on the broker "
+                               f"after {self.timeout}s")
+        try:
+            sent = self._threads.submit(self._send, job_id, queue)
+        except BaseException:
+            self._slots.release()
+            raise
+        sent.add_done_callback(lambda _: self._slots.release())
+        try:
+            sent.result(timeout=max(deadline - time.monotonic(), 0))
+        except TimeoutError:
+            if sent.done():
+                raise  # the publish's own timeout, raised within the bound
+            raise TimeoutError(
+                f"the broker did not take the publish within {self.timeout}s") from None
+
+    def _send(self, job_id, queue: str) -> None:
+        # A connection, not a producer: chain.apply_async drops `producer` and would
+        # publish on the app's pool, whose timeouts are the workers'.
+        with self._connections.acquire(block=True) as connection:
+            # One quick retry rides over a pooled connection the broker has closed; the
+            # socket timeouts bound each try, and the caller's deadline bounds them all.
+            build_chain(self.app, job_id, queue).apply_async(
+                connection=connection, retry=True,
+                retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0,
+                              "interval_max": 0},
+            )
