@@ -5,13 +5,14 @@ from __future__ import annotations
 from celery import Celery
 
 from pipeline.config import Settings
-from tasks import names
+from tasks import filesystem_broker, names
 
 
 def broker_options(settings: Settings) -> dict:
     """Transport options per broker family."""
     url = settings.broker_url
     if url.startswith("filesystem"):
+        filesystem_broker.install()
         folder = settings.data_dir / "broker"
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,49 @@
+"""The embedded broker: a consumer listing the folder never sees a half-written message."""
+
+from __future__ import annotations
+
+import threading
+
+from kombu import Connection
+
+from tasks import filesystem_broker
+
+
+def _connection(folder):
+    return Connection("filesystem://", transport_options={
+        "data_folder_in": str(folder), "data_folder_out": str(folder)})
+
+
+def test_messages_written_while_a_consumer_polls_arrive_whole(tmp_path):
+    filesystem_broker.install()
+    sent = 2000
+    received, errors = [], []
+    done = threading.Event()
+
+    def consume():
+        with _connection(tmp_path) as conn:
+            queue = conn.SimpleQueue("q")
+            while not done.is_set() or len(received) < sent:
+                try:
+                    message = queue.get(timeout=0.05)
+                except queue.Empty:
+                    if done.is_set() and len(received) >= sent:
+                        return
+                    continue
+                except Exception as exc:  # a half-written file fails here
+                    errors.append(exc)
+                    return
+                received.append(message.payload["n"])
+                message.ack()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    with _connection(tmp_path) as conn:
+        queue = conn.SimpleQueue("q")
+        for n in range(sent):
+            queue.put({"n": n, "padding": "x" * 20_000})
+    done.set()
+    consumer.join(60)
+    assert errors == []
+    assert sorted(received) == list(range(sent))
+    assert not list(tmp_path.glob("*.part"))
