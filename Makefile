@@ -26,11 +26,17 @@ run: $(STAMP) ## API + worker + beat in the foreground (PORT=8000)
 test: $(STAMP) ## the whole suite (needs PostgreSQL, Redis and RabbitMQ on localhost)
 	$(BIN)/python -m pytest
 
+wheel: $(STAMP) ## build the wheel into dist/ (what the Dockerfile installs)
+	$(BIN)/pip wheel --no-deps --no-build-isolation --quiet -w dist .
+
+flower: $(STAMP) ## Flower on 127.0.0.1:5555 against the configured broker (FLOWER_BASIC_AUTH=user:password)
+	$(BIN)/pipeline flower --port $(or $(FLOWER_PORT),5555)
+
 lint: $(STAMP) ## ruff, and the layers of the code (import-linter, .importlinter)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
 clean: ## remove the virtualenv and local data
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache build dist
 
-.PHONY: help install demo run test lint clean
+.PHONY: help install demo run test wheel flower lint clean

@@ -1,25 +1,28 @@
--- Content pipeline schema (PostgreSQL). Applied by `pipeline db init`; safe to run twice.
--- pipeline/tables.py mirrors it for SQLAlchemy; tests/test_schema.py fails on any drift.
+-- Content pipeline schema (PostgreSQL) at the newest migration, for reading. Databases are
+-- made and upgraded by the migrations in pipeline/migrations/ (`pipeline db upgrade`), never
+-- from this file; tests/test_migrations.py fails when a migrated database, this file or
+-- pipeline/tables.py (the models) differ. Columns added after the first release sit at the
+-- end of their table, where the migrations put them.
 -- Credits are NUMERIC(20,6): exact decimals, never floats.
 
-CREATE TABLE IF NOT EXISTS companies (
+CREATE TABLE companies (
     id UUID PRIMARY KEY,
     name TEXT NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
-CREATE TABLE IF NOT EXISTS users (
+CREATE TABLE users (
     id UUID PRIMARY KEY,
     company_id UUID NOT NULL REFERENCES companies (id),
     email TEXT,
     name TEXT,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS ix_users_company ON users (company_id);
+CREATE INDEX ix_users_company ON users (company_id);
 
 -- Keys are stored as SHA-256 of the secret; the prefix lets people tell keys apart.
-CREATE TABLE IF NOT EXISTS api_keys (
+CREATE TABLE api_keys (
     id UUID PRIMARY KEY,
     company_id UUID NOT NULL REFERENCES companies (id),
     user_id UUID REFERENCES users (id),
@@ -33,11 +36,11 @@ CREATE TABLE IF NOT EXISTS api_keys (
     CONSTRAINT uq_api_keys_hash UNIQUE (key_hash),
     CONSTRAINT ck_api_keys_scope CHECK (scope IN ('client', 'admin'))
 );
-CREATE INDEX IF NOT EXISTS ix_api_keys_company ON api_keys (company_id);
+CREATE INDEX ix_api_keys_company ON api_keys (company_id);
 
 -- One wallet per company. available + held + used only ever move together with a
 -- transaction row (invariant 2), and none of them may go below zero (invariant 1).
-CREATE TABLE IF NOT EXISTS wallets (
+CREATE TABLE wallets (
     id UUID PRIMARY KEY,
     company_id UUID NOT NULL REFERENCES companies (id),
     user_id UUID REFERENCES users (id),
@@ -53,7 +56,7 @@ CREATE TABLE IF NOT EXISTS wallets (
 );
 
 -- Seed 000's provider table: one row per provider, prices in credits per usage unit.
-CREATE TABLE IF NOT EXISTS providers (
+CREATE TABLE providers (
     id UUID PRIMARY KEY,
     name TEXT NOT NULL,
     content_types JSONB NOT NULL DEFAULT '[]',
@@ -66,7 +69,7 @@ CREATE TABLE IF NOT EXISTS providers (
 );
 
 -- Seed 000's jobs, which also serve as seed 002's media_projects (the job queue).
-CREATE TABLE IF NOT EXISTS jobs (
+CREATE TABLE jobs (
     id UUID PRIMARY KEY,
     company_id UUID NOT NULL REFERENCES companies (id),
     user_id UUID REFERENCES users (id),
@@ -90,11 +93,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     estimated_cost NUMERIC(20, 6) NOT NULL,
     actual_cost NUMERIC(20, 6),
     attempts INTEGER NOT NULL DEFAULT 0,
-    provider_pinned BOOLEAN NOT NULL DEFAULT false,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    wake_at TIMESTAMPTZ,
-    deadline_at TIMESTAMPTZ,
     queued_at TIMESTAMPTZ,
     reserved_at TIMESTAMPTZ,
     started_at TIMESTAMPTZ,
@@ -102,6 +102,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     stored_at TIMESTAMPTZ,
     settled_at TIMESTAMPTZ,
     completed_at TIMESTAMPTZ,
+    -- Revision 0002. The caller named the provider, so the job never runs elsewhere:
+    provider_pinned BOOLEAN NOT NULL DEFAULT false,
+    -- when a released job's scheduled retry or poll is due (the sweeper waits for it):
+    wake_at TIMESTAMPTZ,
+    -- when the provider's remote work must be done, or be cancelled:
+    deadline_at TIMESTAMPTZ,
     CONSTRAINT ck_jobs_content_type CHECK (content_type IN ('text', 'image', 'audio', 'video')),
     CONSTRAINT ck_jobs_status CHECK (
         status IN ('pending', 'queued', 'processing', 'completed', 'failed', 'cancelled')
@@ -109,19 +115,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     CONSTRAINT ck_jobs_estimated_cost_nonneg CHECK (estimated_cost >= 0),
     CONSTRAINT ck_jobs_actual_cost_nonneg CHECK (actual_cost >= 0)
 );
-CREATE INDEX IF NOT EXISTS ix_jobs_company_created ON jobs (company_id, created_at);
+CREATE INDEX ix_jobs_company_created ON jobs (company_id, created_at);
 -- The sweeper's scans: jobs by status and age of their last sign of life.
-CREATE INDEX IF NOT EXISTS ix_jobs_status_heartbeat ON jobs (status, heartbeat_at);
--- Columns added after the first release, for databases made before them (until migrations):
--- provider_pinned: the caller named the provider, so the job never runs elsewhere;
--- wake_at: when a released job's scheduled retry or poll is due (the sweeper waits for it);
--- deadline_at: when the provider's remote work must be done, or be cancelled.
-ALTER TABLE jobs ADD COLUMN IF NOT EXISTS provider_pinned BOOLEAN NOT NULL DEFAULT false;
-ALTER TABLE jobs ADD COLUMN IF NOT EXISTS wake_at TIMESTAMPTZ;
-ALTER TABLE jobs ADD COLUMN IF NOT EXISTS deadline_at TIMESTAMPTZ;
+CREATE INDEX ix_jobs_status_heartbeat ON jobs (status, heartbeat_at);
 
 -- The outbox: written with the job in one transaction, relayed to the broker after.
-CREATE TABLE IF NOT EXISTS job_dispatches (
+CREATE TABLE job_dispatches (
     job_id UUID PRIMARY KEY REFERENCES jobs (id),
     queue TEXT NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
@@ -129,11 +128,11 @@ CREATE TABLE IF NOT EXISTS job_dispatches (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
 );
-CREATE INDEX IF NOT EXISTS ix_job_dispatches_unsent ON job_dispatches (sent_at, created_at);
+CREATE INDEX ix_job_dispatches_unsent ON job_dispatches (sent_at, created_at);
 
 -- Append-only ledger. idempotency_key (reserve:<job>, debit:<job>, ...) makes every
 -- money move happen at most once, whatever the number of deliveries.
-CREATE TABLE IF NOT EXISTS transactions (
+CREATE TABLE transactions (
     id UUID PRIMARY KEY,
     wallet_id UUID NOT NULL REFERENCES wallets (id),
     job_id UUID REFERENCES jobs (id),
@@ -151,11 +150,11 @@ CREATE TABLE IF NOT EXISTS transactions (
     ),
     CONSTRAINT ck_transactions_amount_positive CHECK (amount > 0)
 );
-CREATE INDEX IF NOT EXISTS ix_transactions_wallet_created ON transactions (wallet_id, created_at);
-CREATE INDEX IF NOT EXISTS ix_transactions_job ON transactions (job_id);
+CREATE INDEX ix_transactions_wallet_created ON transactions (wallet_id, created_at);
+CREATE INDEX ix_transactions_job ON transactions (job_id);
 
 -- The hold of each job (at most one: invariant 3), closed exactly once.
-CREATE TABLE IF NOT EXISTS credit_holds (
+CREATE TABLE credit_holds (
     id UUID PRIMARY KEY,
     wallet_id UUID NOT NULL REFERENCES wallets (id),
     job_id UUID NOT NULL REFERENCES jobs (id),
@@ -168,10 +167,10 @@ CREATE TABLE IF NOT EXISTS credit_holds (
     CONSTRAINT ck_credit_holds_status CHECK (status IN ('open', 'settled', 'voided')),
     CONSTRAINT ck_credit_holds_amount_nonneg CHECK (amount >= 0)
 );
-CREATE INDEX IF NOT EXISTS ix_credit_holds_status_expires ON credit_holds (status, expires_at);
+CREATE INDEX ix_credit_holds_status_expires ON credit_holds (status, expires_at);
 
 -- Seed 002: completed media files, one per job.
-CREATE TABLE IF NOT EXISTS media_assets (
+CREATE TABLE media_assets (
     id UUID PRIMARY KEY,
     company_id UUID NOT NULL REFERENCES companies (id),
     job_id UUID NOT NULL REFERENCES jobs (id),
@@ -184,10 +183,10 @@ CREATE TABLE IF NOT EXISTS media_assets (
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT uq_media_assets_job UNIQUE (job_id)
 );
-CREATE INDEX IF NOT EXISTS ix_media_assets_company ON media_assets (company_id);
+CREATE INDEX ix_media_assets_company ON media_assets (company_id);
 
 -- Seed 002: usage and cost per job, written when the job is settled.
-CREATE TABLE IF NOT EXISTS api_usage (
+CREATE TABLE api_usage (
     id UUID PRIMARY KEY,
     company_id UUID NOT NULL REFERENCES companies (id),
     job_id UUID NOT NULL REFERENCES jobs (id),
@@ -199,10 +198,11 @@ CREATE TABLE IF NOT EXISTS api_usage (
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT uq_api_usage_job UNIQUE (job_id)
 );
-CREATE INDEX IF NOT EXISTS ix_api_usage_company_created ON api_usage (company_id, created_at);
+CREATE INDEX ix_api_usage_company_created ON api_usage (company_id, created_at);
+CREATE INDEX ix_api_usage_created ON api_usage (created_at);
 
 -- Seed 002: per-company provider keys, encrypted at rest (key_data is ciphertext).
-CREATE TABLE IF NOT EXISTS provider_keys (
+CREATE TABLE provider_keys (
     id UUID PRIMARY KEY,
     company_id UUID NOT NULL REFERENCES companies (id),
     provider TEXT NOT NULL,
@@ -214,7 +214,7 @@ CREATE TABLE IF NOT EXISTS provider_keys (
 );
 
 -- Seed 000: structured operational log.
-CREATE TABLE IF NOT EXISTS logs (
+CREATE TABLE logs (
     id UUID PRIMARY KEY,
     level TEXT NOT NULL,
     service TEXT NOT NULL,
@@ -229,10 +229,11 @@ CREATE TABLE IF NOT EXISTS logs (
     timestamp TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT ck_logs_level CHECK (level IN ('debug', 'info', 'warn', 'error', 'critical'))
 );
-CREATE INDEX IF NOT EXISTS ix_logs_job ON logs (job_id);
+CREATE INDEX ix_logs_job ON logs (job_id);
+CREATE INDEX ix_logs_timestamp ON logs (timestamp);
 
 -- Seed 000: recorded measurements (Prometheus carries the live ones).
-CREATE TABLE IF NOT EXISTS metrics (
+CREATE TABLE metrics (
     id UUID PRIMARY KEY,
     name TEXT NOT NULL,
     value DOUBLE PRECISION NOT NULL,
@@ -240,10 +241,12 @@ CREATE TABLE IF NOT EXISTS metrics (
     job_id UUID,
     timestamp TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS ix_metrics_name_timestamp ON metrics (name, timestamp);
+CREATE INDEX ix_metrics_name_timestamp ON metrics (name, timestamp);
+CREATE INDEX ix_metrics_timestamp ON metrics (timestamp);
+CREATE INDEX ix_metrics_job ON metrics (job_id);
 
 -- Idempotency-Key on job creation (Stripe semantics), scoped to the company.
-CREATE TABLE IF NOT EXISTS idempotency_keys (
+CREATE TABLE idempotency_keys (
     company_id UUID NOT NULL REFERENCES companies (id),
     key TEXT NOT NULL,
     request_hash TEXT NOT NULL,
@@ -252,19 +255,19 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     response_body JSONB,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     expires_at TIMESTAMPTZ NOT NULL,
+    -- Revision 0003. The claim of the request running with the key (a lease that lapses
+    -- in seconds), and the job the key made, written in the job's own transaction.
+    lease_token TEXT,
+    lease_expires_at TIMESTAMPTZ,
+    job_id UUID,
     CONSTRAINT pk_idempotency_keys PRIMARY KEY (company_id, key),
     CONSTRAINT ck_idempotency_keys_status CHECK (status IN ('in_flight', 'done'))
 );
-CREATE INDEX IF NOT EXISTS ix_idempotency_keys_expires ON idempotency_keys (expires_at);
--- The claim of the request running with the key (a lease that lapses in seconds), and
--- the job the key made, written in the job's own transaction.
-ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS lease_token TEXT;
-ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMPTZ;
-ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS job_id UUID;
+CREATE INDEX ix_idempotency_keys_expires ON idempotency_keys (expires_at);
 
 -- Spending caps per period (calendar day or month, UTC) for a company, a user or a key.
 -- subject is '' for the whole company, else the user's or the key's id.
-CREATE TABLE IF NOT EXISTS budgets (
+CREATE TABLE budgets (
     id UUID PRIMARY KEY,
     company_id UUID NOT NULL REFERENCES companies (id),
     scope TEXT NOT NULL DEFAULT 'company',
@@ -280,7 +283,7 @@ CREATE TABLE IF NOT EXISTS budgets (
 );
 
 -- Every provider attempt of a job: which provider ran, and how it ended.
-CREATE TABLE IF NOT EXISTS job_attempts (
+CREATE TABLE job_attempts (
     id UUID PRIMARY KEY,
     job_id UUID NOT NULL REFERENCES jobs (id),
     number INTEGER NOT NULL,
@@ -294,10 +297,10 @@ CREATE TABLE IF NOT EXISTS job_attempts (
     CONSTRAINT uq_job_attempts_job_number UNIQUE (job_id, number)
 );
 
--- One running job per instance of a multi-instance provider (a ComfyUI GPU) across every
--- worker and machine: a row per instance, taken by a conditional UPDATE, renewed by the
--- holder's heartbeat, free again when released or past its expiry (its worker died).
-CREATE TABLE IF NOT EXISTS provider_leases (
+-- Revision 0002. One running job per instance of a multi-instance provider (a ComfyUI
+-- GPU) across every worker and machine: a row per instance, taken by a conditional UPDATE,
+-- renewed by the holder's heartbeat, free again when released or past its expiry.
+CREATE TABLE provider_leases (
     resource TEXT PRIMARY KEY,
     job_id UUID,
     expires_at TIMESTAMPTZ,
@@ -306,7 +309,7 @@ CREATE TABLE IF NOT EXISTS provider_leases (
 
 -- Per-provider circuit breaker, shared by every worker through the database.
 -- A multi-instance provider has one per instance too, keyed "<provider>@<instance>".
-CREATE TABLE IF NOT EXISTS provider_circuits (
+CREATE TABLE provider_circuits (
     provider TEXT PRIMARY KEY,
     consecutive_failures INTEGER NOT NULL DEFAULT 0,
     opened_until TIMESTAMPTZ,

@@ -8,7 +8,7 @@ from flask import Flask
 from flask_smorest import Api
 from marshmallow import fields, validate
 
-from api import gate
+from api import access, gate
 from api.errors import register_error_handlers
 
 
@@ -41,8 +41,9 @@ def create_app(runtime) -> Flask:
     app.register_blueprint(files.blp)
     app.register_blueprint(seed.blp)
     app.register_blueprint(health.blp)
-    app.register_blueprint(metrics.blp)
+    metrics.init_app(app)
     gate.install(app)
+    access.install(app)
     register_error_handlers(app)
     return app
 

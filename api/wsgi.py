@@ -9,6 +9,7 @@ def create():
     """Built per process (gunicorn calls this after fork), never at import."""
     from api import create_app
     from pipeline.config import ConfigError, Settings
+    from service.logs import configure_logging
     from service.runtime import build_runtime
     from tasks.app import create_celery
     from tasks.chain import CeleryPublisher
@@ -18,4 +19,5 @@ def create():
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(4)  # gunicorn's APP_LOAD_ERROR: the master stops rather than respawning
+    configure_logging(settings, service="api")
     return create_app(build_runtime(settings, publisher=CeleryPublisher(create_celery(settings))))

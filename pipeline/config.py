@@ -181,6 +181,31 @@ class Settings:
     idempotency_lease_seconds: float = 10.0
     # How often an asynchronous provider's remote job is polled.
     poll_interval_seconds: float = 3.0
+    # Logs: every process writes one line per record to stdout, JSON or text (LOG_FORMAT:
+    # `pipeline run` defaults to text), at LOG_LEVEL and above.
+    log_level: str = "info"
+    log_format: str = "json"
+    # Records at this level and above also become rows of the `logs` table ("off": none).
+    log_table_level: str = "info"
+    # Rows older than these many days are pruned by beat (0 keeps them forever), at most
+    # prune_batch_size rows per statement so no delete holds its locks for long.
+    logs_retention_days: int = 30
+    metrics_retention_days: int = 90
+    api_usage_retention_days: int = 400
+    prune_interval_seconds: float = 3600.0
+    prune_batch_size: int = 5000
+    # Metrics (service/metrics.py): the Bearer token every metrics endpoint asks for
+    # ("" = none: then only loopback callers are answered); each worker node's exporter,
+    # served by its main process on this host and port (0 = off); the folder under which
+    # each worker keeps its processes' metric files (default <data_dir>/metrics).
+    metrics_token: str = field(default="", repr=False)
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = 0
+    metrics_dir: Path | None = None
+    # Celery task events (Flower's live view), TASK_EVENTS=1. Off by default: they cost
+    # the workers about a sixth of their throughput (README, Flower); a running Flower
+    # turns them on in the workers it watches anyway.
+    task_events: bool = False
     provider_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -222,6 +247,20 @@ class Settings:
             "publish_timeout_seconds": number("PUBLISH_TIMEOUT_SECONDS", 2.0, float),
             "idempotency_lease_seconds": number("IDEMPOTENCY_LEASE_SECONDS", 10.0, float),
             "poll_interval_seconds": number("POLL_INTERVAL_SECONDS", 3.0, float),
+            "log_level": _choice(env, "LOG_LEVEL", LOG_LEVELS, "info"),
+            "log_format": _choice(env, "LOG_FORMAT", ("json", "text"), "json"),
+            "log_table_level": _choice(env, "LOG_TABLE_LEVEL", (*LOG_LEVELS, "off"), "info"),
+            "logs_retention_days": number("LOGS_RETENTION_DAYS", 30),
+            "metrics_retention_days": number("METRICS_RETENTION_DAYS", 90),
+            "api_usage_retention_days": number("API_USAGE_RETENTION_DAYS", 400),
+            "prune_interval_seconds": number("PRUNE_INTERVAL_SECONDS", 3600.0, float),
+            "prune_batch_size": number("PRUNE_BATCH_SIZE", 5000),
+            "metrics_token": env.get("METRICS_TOKEN", "").strip(),
+            "worker_metrics_host": env.get("WORKER_METRICS_HOST") or "127.0.0.1",
+            "worker_metrics_port": number("WORKER_METRICS_PORT", 0),
+            "metrics_dir": Path(env["METRICS_DIR"]).resolve() if env.get("METRICS_DIR")
+            else data_dir / "metrics",
+            "task_events": env.get("TASK_EVENTS", "").strip().lower() in ("1", "true", "yes"),
             "provider_env": {
                 k: v
                 for k, v in env.items()
@@ -233,6 +272,18 @@ class Settings:
         if not {"secret_key", "provider_key_secrets"} <= overrides.keys():
             values = {**_secrets(env, values["database_url"], data_dir), **values}
         return cls(**values)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value == "warn":  # the seed's word for it
+        value = "warning"
+    if value not in allowed:
+        raise ConfigError(f"{name}={env[name]!r} is not one of: {', '.join(allowed)}")
+    return value
 
 
 def credits(value) -> Decimal:

@@ -1,8 +1,11 @@
-"""Engines, schema setup, and the few SQL helpers that differ between PostgreSQL and SQLite."""
+"""Engines, schema setup (migrations, then the price table), and the few SQL helpers that
+differ between PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,8 +14,8 @@ from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline import tables
+from pipeline.migrations import Migrated, upgrade
 
-SCHEMA_SQL = Path(__file__).resolve().parent.parent / "schema.sql"
 PRICES_JSON = Path(__file__).resolve().parent / "prices.json"
 
 
@@ -56,7 +59,7 @@ def make_engine(database_url: str, *, pool_size: int = 5) -> Engine:
             # below, so two writers queue on the lock instead of failing on upgrade.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
@@ -72,6 +75,21 @@ def make_engine(database_url: str, *, pool_size: int = 5) -> Engine:
     )
 
 
+def _switch_to_wal(cur, *, wait_s: float = 30.0) -> None:
+    """WAL, kept in the file once set. Setting it on a new file needs the file alone, and
+    SQLite refuses at once ("database is locked") rather than wait on busy_timeout while
+    another process is creating the same file, as `db init` run twice at once does."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def insert_ignore(conn, table, values: dict, conflict_columns: list[str]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when the row was written by this call."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
@@ -85,22 +103,12 @@ def insert_ignore(conn, table, values: dict, conflict_columns: list[str]) -> boo
     return conn.execute(stmt).first() is not None
 
 
-def init_db(engine: Engine) -> None:
-    """Create every table (idempotent) and seed the provider price table."""
-    if engine.dialect.name == "postgresql":
-        raw = engine.raw_connection()
-        try:
-            with raw.cursor() as cur:
-                # Two processes running init at once must not race on CREATE TABLE.
-                cur.execute("SELECT pg_advisory_lock(7240001)")
-                cur.execute(SCHEMA_SQL.read_text())
-                cur.execute("SELECT pg_advisory_unlock(7240001)")
-            raw.commit()
-        finally:
-            raw.close()
-    else:
-        tables.metadata.create_all(engine)
+def init_db(engine: Engine) -> Migrated:
+    """Bring the schema to the newest revision and seed the provider price table; safe to
+    run twice, and by several processes at once (pipeline.migrations holds the lock)."""
+    done = upgrade(engine)
     seed_providers(engine)
+    return done
 
 
 def load_price_table() -> dict:

@@ -23,7 +23,17 @@ from datetime import timedelta
 
 from sqlalchemy.exc import OperationalError
 
-from pipeline import catalogue, circuits, leases, ledger, lifecycle, provider_keys, routing
+from pipeline import (
+    catalogue,
+    circuits,
+    leases,
+    ledger,
+    lifecycle,
+    logcontext,
+    provider_keys,
+    routing,
+    telemetry,
+)
 from pipeline.db import utcnow
 from pipeline.errors import PipelineError
 from pipeline.heartbeat import Heartbeat
@@ -84,6 +94,7 @@ def credentials_for(rt, job) -> dict[str, str]:
         cipher = provider_keys.cipher(rt.settings.provider_key_secrets)
         key = provider_keys.lookup(rt.engine, cipher, job.company_id, job.provider)
     key = key or rt.settings.provider_env.get(f"{job.provider.upper()}_API_KEY")
+    logcontext.never_log(key)  # scrubbed from any line, should a vendor's error echo it
     return {"api_key": key} if key else {}
 
 
@@ -146,6 +157,11 @@ class _Run:
             lifecycle.finish_attempt(self.engine, self.job.id, self.attempt, outcome=outcome,
                                      error_code=code, error=message, remote_id=self.remote_id)
 
+    def ask(self, operation: str, *args):
+        """The provider's start or check, timed and counted for the metrics."""
+        return telemetry.provider_call(self.job.provider, operation,
+                                       getattr(self.provider, operation), *args)
+
     def release_lease(self) -> None:
         if self.lease is not None:
             leases.release(self.engine, self.lease, self.job.id)
@@ -195,6 +211,8 @@ class _Run:
             self.release_lease()
             return self.fail("TOO_MANY_ATTEMPTS",
                              f"Gave up after {self.on_provider - 1} attempts on {job.provider}.")
+        log.info("starting %s (attempt %d), prompt of %d characters", job.provider,
+                 self.attempt, len(job.prompt))
         return None
 
     def _cooling(self) -> set[str]:
@@ -205,9 +223,9 @@ class _Run:
         """Start or poll the provider; hold the slot and poll here for GPU providers."""
         try:
             if self.claim.fresh_start:
-                outcome = self.provider.start(request)
+                outcome = self.ask("start", request)
             else:
-                outcome = self.provider.check(request, self.remote_id)
+                outcome = self.ask("check", request, self.remote_id)
             if isinstance(outcome, Pending):
                 self.remote_id = outcome.remote_id
                 if not self.info.holds_slot:
@@ -241,7 +259,7 @@ class _Run:
                 return self.timed_out(request)
             if beat.wait(self.settings.poll_interval_seconds):
                 return self.ended_elsewhere(request)
-            outcome = self.provider.check(request, outcome.remote_id)
+            outcome = self.ask("check", request, outcome.remote_id)
         return outcome
 
     def poll_later(self, request: GenerationRequest, pending: Pending) -> Outcome:
@@ -348,6 +366,7 @@ class _Run:
                 delay = min(delay * 2, STORAGE_BACKOFF_MAX)
         circuits.record_success(self.engine, self.circuit_key())
         self.finish_attempt("succeeded")
+        log.info("output stored: %d bytes of %s", len(output.data), output.mime_type)
         return Continue()
 
     def storage_exhausted(self, exc: Exception) -> Outcome:
@@ -370,6 +389,7 @@ def generate(rt, job_id) -> Outcome:
                                        stale_after=rt.settings.stale_after_seconds)
     if claim is None:  # not claimable: find out why
         job = _load(rt.engine, job_id)
+        logcontext.bind_job(job)
         if job.output_key is not None:
             return Continue()  # done by an earlier delivery: store and settle find their work
         if job.status in TERMINAL_STATUSES:
@@ -377,6 +397,7 @@ def generate(rt, job_id) -> Outcome:
                 _cancel_for_ended(rt, job)
             return Stop("terminal")
         return Stop("busy")  # alive in another worker; the sweeper re-drives it if that dies
+    logcontext.bind_job(claim.job)
     try:
         run = _Run(rt, claim)
     except PipelineError as exc:  # the provider is no longer configured on this worker

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, and_, select, update
 
-from pipeline import budgets, ledger, routing
+from pipeline import budgets, ledger, routing, telemetry
 from pipeline.db import iso_utc, new_id, utcnow
 from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
 from pipeline.pricing import PriceTable
@@ -116,7 +116,8 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
         job = dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping)
         if on_created is not None:
             on_created(conn, job)
-        return job
+    telemetry.job_submitted(provider, req.content_type)
+    return job
 
 
 def dispatch(engine, publisher, job_id, queue: str) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
 
-from pipeline import budgets, ledger
+from pipeline import budgets, catalogue, ledger, logcontext, telemetry, usage
 from pipeline.db import aware_utc, insert_ignore, new_id, utcnow
 from pipeline.errors import PipelineError
 from pipeline.jobs import get_job
@@ -23,7 +23,6 @@ from pipeline.pricing import PriceTable
 from pipeline.storage import object_key
 from pipeline.tables import (
     TERMINAL_STATUSES,
-    api_usage,
     job_attempts,
     job_dispatches,
     jobs,
@@ -62,6 +61,7 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
     """
     with engine.begin() as conn:
         job = get_job(conn, job_id)
+        logcontext.bind_job(job)
         if job.status in TERMINAL_STATUSES:
             return False
         wallet = ledger.wallet_for_company(conn, job.company_id)
@@ -69,11 +69,14 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
             budgets.check(conn, job.company_id, job.user_id, job.api_key_id, job.estimated_cost)
         ledger.reserve(conn, wallet_id=wallet.id, job_id=job.id, amount=job.estimated_cost,
                        ttl_seconds=ttl_seconds)
-        conn.execute(
+        first = conn.execute(
             update(jobs)
             .where(jobs.c.id == job.id, jobs.c.reserved_at.is_(None))
             .values(reserved_at=utcnow(), updated_at=utcnow())
-        )
+        ).rowcount
+    if first:  # this delivery took the hold (a replay found it)
+        telemetry.credits("held", job.provider, job.estimated_cost)
+        log.info("credits held: %s", job.estimated_cost)
     return True
 
 
@@ -109,6 +112,8 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
         ).first()
     if row is None:
         return None
+    if aware_utc(row.started_at) == now:  # the first claim: the job waited until now
+        telemetry.job_started(catalogue.queue_for(row.provider), row.queued_at or row.created_at)
     return Claim(row, row.remote_id, aware_utc(row.deadline_at), row.attempts)
 
 
@@ -262,6 +267,7 @@ def _live(job) -> bool:
 def store(engine, storage, job_id) -> bool:
     """Register the stored output as a media asset with its preview. False if done already."""
     job = _job(engine, job_id)
+    logcontext.bind_job(job)
     if job.stored_at is not None or not _live(job):
         return False
     if job.output_key is None:
@@ -309,12 +315,13 @@ def settle(engine, job_id) -> bool:
     """Debit the actual cost, release the rest, complete the job: one transaction."""
     with engine.begin() as conn:
         job = get_job(conn, job_id)
+        logcontext.bind_job(job)
         if not _live(job):
             return False
         if job.stored_at is None:
             raise RuntimeError(f"job {job_id} reached settle before store")
-        usage = job.output.get("usage", {})
-        cost = PriceTable.from_db(conn).cost(job.provider, job.content_type, usage)
+        output_usage = job.output.get("usage", {})
+        cost = PriceTable.from_db(conn).cost(job.provider, job.content_type, output_usage)
         now = utcnow()
         completed = conn.execute(
             update(jobs)
@@ -326,6 +333,8 @@ def settle(engine, job_id) -> bool:
         if not completed:
             return False
         debited = ledger.settle(conn, job_id, cost)
+        # The hold is the estimate; what the debit left of it went back to the wallet.
+        released = None if debited is None else job.estimated_cost - debited
         usage_note = {"estimatedCost": str(job.estimated_cost)}
         if debited is None:
             # The hold was voided (it expired) before the result came: charge what the
@@ -336,21 +345,14 @@ def settle(engine, job_id) -> bool:
                 log.warning("job %s: late result charged %s of %s (wallet short)", job_id,
                             debited, cost)
         conn.execute(update(jobs).where(jobs.c.id == job_id).values(actual_cost=debited))
-        insert_ignore(
-            conn,
-            api_usage,
-            {
-                "id": new_id(),
-                "company_id": job.company_id,
-                "job_id": job.id,
-                "provider": job.provider,
-                "content_type": job.content_type,
-                "usage": usage,
-                "cost": debited,
-                "metadata": usage_note,
-            },
-            ["job_id"],
-        )
+        # api_usage and the metrics row, once: this transaction's compare-and-set ended it.
+        usage.record_finished(conn, job, status="completed", finished_at=now, cost=debited,
+                              usage=output_usage, note=usage_note,
+                              replace="late" in usage_note)
+    telemetry.job_finished(job, "completed")
+    telemetry.credits("debited", job.provider, debited)
+    telemetry.credits("released", job.provider, released)
+    log.info("job completed: charged %s of %s held", debited, job.estimated_cost)
     return True
 
 
@@ -366,18 +368,20 @@ def fail(engine, job_id, *, code: str, message: str, status: str = "failed") -> 
             .where(jobs.c.id == job_id, jobs.c.status.not_in(TERMINAL_STATUSES))
             .values(status=status, error=message[:2000], error_code=code,
                     completed_at=now, updated_at=now)
-        ).rowcount
-        ledger.void(conn, job_id, reason=code)
-    return bool(changed)
+            .returning(*jobs.c)  # the row as it ends, for the metrics and the logs
+        ).first()
+        refunded = ledger.void(conn, job_id, reason=code)
+        if changed is not None:
+            logcontext.bind_job(changed)
+            usage.record_finished(conn, changed, status=status, finished_at=now,
+                                  error_code=code)
+    if changed is not None:
+        log.info("job %s: %s", status, code)
+        telemetry.job_finished(changed, status, code)
+    telemetry.credits("refunded", "" if changed is None else changed.provider, refunded)
+    return changed is not None
 
 
 def fail_for_credits(engine, job_id, exc: PipelineError) -> bool:
     """The hold could not be taken (wallet or budget): fail with that error's code."""
     return fail(engine, job_id, code=exc.code, message=exc.message)
-
-
-
-def touch(engine, job_id) -> None:
-    """Note that the sweeper re-drove the job, so the next sweep waits a full window."""
-    with engine.begin() as conn:
-        conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=utcnow()))

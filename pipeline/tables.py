@@ -288,6 +288,7 @@ api_usage = Table(
     _now(),
     UniqueConstraint("job_id", name="uq_api_usage_job"),
     Index("ix_api_usage_company_created", "company_id", "created_at"),
+    Index("ix_api_usage_created", "created_at"),
 )
 
 provider_keys = Table(
@@ -324,6 +325,7 @@ logs = Table(
         "level IN ('debug', 'info', 'warn', 'error', 'critical')", name="ck_logs_level"
     ),
     Index("ix_logs_job", "job_id"),
+    Index("ix_logs_timestamp", "timestamp"),
 )
 
 metrics = Table(
@@ -336,6 +338,8 @@ metrics = Table(
     Column("job_id", Uuid),
     Column("timestamp", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("ix_metrics_name_timestamp", "name", "timestamp"),
+    Index("ix_metrics_timestamp", "timestamp"),
+    Index("ix_metrics_job", "job_id"),
 )
 
 idempotency_keys = Table(

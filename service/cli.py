@@ -44,13 +44,15 @@ def _runtime(settings: Settings, *, with_publisher: bool = False):
     return build_runtime(settings, publisher=publisher)
 
 
-def _ensure_db(runtime) -> None:
+def _ensure_db(runtime):
+    """The schema at head, the price table seeded, the bucket made; what the upgrade did."""
     from pipeline.db import init_db
 
-    init_db(runtime.engine)
+    done = init_db(runtime.engine)
     ensure = getattr(runtime.storage, "ensure_bucket", None)
     if ensure:
         ensure()
+    return done
 
 
 def _credits(value: str) -> Decimal:
@@ -72,9 +74,29 @@ def _uuid(value: str) -> uuid.UUID:
 
 def cmd_db_init(args, settings):
     runtime = _runtime(settings)
-    _ensure_db(runtime)
-    url = runtime.engine.url.render_as_string(hide_password=True)
-    _emit(args, {"database": url, "status": "ready"}, [f"database ready: {url}"])
+    _emit_upgrade(args, runtime.engine, _ensure_db(runtime), ready=True)
+
+
+def cmd_db_upgrade(args, settings):
+    from pipeline.migrations import upgrade
+
+    engine = _runtime(settings).engine
+    _emit_upgrade(args, engine, upgrade(engine, args.revision))
+
+
+def _emit_upgrade(args, engine, done, *, ready: bool = False) -> None:
+    url = engine.url.render_as_string(hide_password=True)
+    if not done.changed:
+        line = f"database {url}: already at revision {done.after}"
+    elif done.adopted:
+        line = (f"database {url}: made before migrations, found at revision {done.before}; "
+                f"upgraded to {done.after}")
+    else:
+        line = f"database {url}: upgraded from {done.before or 'empty'} to {done.after}"
+    data = {"database": url, "from": done.before, "to": done.after, "adopted": done.adopted,
+            "changed": done.changed}
+    _emit(args, {**data, "status": "ready"} if ready else data,
+          [line, f"database ready: {url}"] if ready else [line])
 
 
 def cmd_company_create(args, settings):
@@ -174,6 +196,18 @@ def cmd_sweep(args, settings):
     _emit(args, counts, [f"{k:13} {v}" for k, v in counts.items()])
 
 
+def cmd_status(args, settings):
+    from pipeline.db import make_engine
+    from pipeline.status import lines, report
+    from tasks.app import create_celery
+    from tasks.probe import BrokerProbe
+
+    # An unreachable database raises here, and main() exits 1 saying so.
+    data = report(make_engine(settings.database_url), BrokerProbe(create_celery(settings)),
+                  timeout=settings.publish_timeout_seconds)
+    _emit(args, data, lines(data))
+
+
 def cmd_worker(args, settings):
     from service.stack import worker_command
     from tasks.names import QUEUE_FAMILIES
@@ -181,23 +215,49 @@ def cmd_worker(args, settings):
     queues: list[str] = []
     for name in args.queues.split(","):
         queues.extend(QUEUE_FAMILIES.get(name, (name,)))
+    if args.loglevel:  # the worker's logging follows LOG_LEVEL (tasks/worker.py)
+        os.environ["LOG_LEVEL"] = args.loglevel
     cmd = worker_command(queues, pool=args.pool, concurrency=args.concurrency, beat=args.beat,
-                         loglevel=args.loglevel, hostname=args.hostname)
+                         loglevel=(args.loglevel or settings.log_level).upper(),
+                         hostname=args.hostname)
     os.execv(cmd[0], cmd)
 
 
 def cmd_beat(args, settings):
-    cmd = [sys.executable, "-m", "celery", "-A", "tasks.worker", "beat", "-l", args.loglevel]
+    if args.loglevel:
+        os.environ["LOG_LEVEL"] = args.loglevel
+    # --quiet: no banner, so stdout is nothing but log lines.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
+    cmd = [sys.executable, "-m", "celery", *quiet, "-A", "tasks.worker", "beat",
+           "-l", (args.loglevel or settings.log_level).upper()]
     os.execv(cmd[0], cmd)
+
+
+def cmd_flower(args, settings):
+    # Flower shows every task and can stop workers: it never starts without credentials.
+    env = environment()
+    logins = [entry for entry in env.get("FLOWER_BASIC_AUTH", "").split(",") if entry.strip()]
+    if not logins or not all(":" in entry for entry in logins):
+        sys.exit("error: set FLOWER_BASIC_AUTH=user:password (comma-separate several logins); "
+                 "Flower shows every task and can stop workers, so it never runs without one")
+    # The logins reach Flower through its environment, never its command line (ps).
+    child_env = {**os.environ, **{k: v for k, v in env.items() if k.startswith("FLOWER_")}}
+    cmd = [sys.executable, "-m", "celery", "-A", "tasks.worker", "flower",
+           f"--address={args.address}", f"--port={args.port}"]
+    os.execve(cmd[0], cmd, child_env)
 
 
 def cmd_run(args, settings):
     from pipeline.accounts import create_company
+    from service.logs import configure_logging
     from service.stack import Stack, port_is_free, stop_on_signals
 
     if not port_is_free(args.host, args.port):
         sys.exit(f"port {args.port} is in use; pass --port to choose another")
+    if not environment().get("LOG_FORMAT"):
+        os.environ["LOG_FORMAT"] = "text"  # a person watches this terminal; the worker too
     settings = Settings.from_env(public_url=f"http://{args.host}:{args.port}")
+    configure_logging(settings, service="api")
     runtime = _runtime(settings, with_publisher=True)
     _ensure_db(runtime)
     company = create_company(runtime.engine, "local-dev", credits=args.credits)
@@ -279,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     db = sub.add_parser("db", help="database commands").add_subparsers(dest="db", required=True)
-    command("init", cmd_db_init, "create the tables (safe to run twice)", db, needs=SETTINGS)
+    command("init", cmd_db_init, "create or upgrade the tables, seed the price table (safe to "
+            "run twice)", db, needs=SETTINGS)
+    p = command("upgrade", cmd_db_upgrade, "bring the tables to the newest revision, or to "
+                "--revision (safe to run twice; adopts a database made before migrations)", db,
+                needs=SETTINGS)
+    p.add_argument("--revision", default="head", help="a revision id (default: head)")
 
     company = sub.add_parser("company", help="companies").add_subparsers(dest="company",
                                                                         required=True)
@@ -336,6 +401,8 @@ def _money_commands(sub, command) -> None:
 
 def _process_commands(sub, command) -> None:
     command("sweep", cmd_sweep, "run one sweep now (beat runs it every few seconds)")
+    command("status", cmd_status, "queue depths, live workers, oldest pending job, open "
+            "holds, outbox backlog; exits 1 when the database cannot be read")
     ledger = sub.add_parser("ledger", help="the credit ledger").add_subparsers(dest="ledger",
                                                                               required=True)
     command("audit", cmd_ledger_audit,
@@ -348,11 +415,16 @@ def _process_commands(sub, command) -> None:
     p.add_argument("--pool", default="threads", help="prefork, threads, gevent, solo")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--beat", action="store_true", help="also run the beat scheduler")
-    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--loglevel", default=None, help="overrides LOG_LEVEL (default info)")
     p.add_argument("--hostname", default=None)
 
     p = command("beat", cmd_beat, "start the beat scheduler (the sweeper's clock)")
-    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--loglevel", default=None, help="overrides LOG_LEVEL (default info)")
+
+    p = command("flower", cmd_flower, "Flower, the Celery dashboard, with authentication "
+                "(FLOWER_BASIC_AUTH=user:password)", needs=SETTINGS)
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5555)
 
     p = command("run", cmd_run, "API + worker + beat in the foreground until Ctrl-C",
                 needs=SETTINGS)
@@ -381,6 +453,17 @@ def _settings(needs: str) -> Settings | None:
     return Settings.from_env(env)
 
 
+def _start_logging(args, settings: Settings | None) -> None:
+    """A one-shot command answers on stdout, so its log lines go to stderr, from WARNING
+    unless LOG_LEVEL is set. `run` logs as a service; worker and beat log from Celery."""
+    if settings is None or args.func in (cmd_run, cmd_worker, cmd_beat):
+        return
+    from service.logs import configure_logging
+
+    configure_logging(settings, service="cli", stream=sys.stderr,
+                      level=None if environment().get("LOG_LEVEL") else "warning")
+
+
 def _fail(args, message: str, code: str) -> None:
     if args.json:
         print(json.dumps({"error": message, "code": code, "details": {}}))
@@ -396,7 +479,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args, _settings(args.needs))
+        settings = _settings(args.needs)
+        _start_logging(args, settings)
+        args.func(args, settings)
     except ConfigError as exc:
         _fail(args, str(exc), "CONFIG_ERROR")
     except PipelineError as exc:

@@ -76,6 +76,9 @@ def create_celery(settings: Settings) -> Celery:
         "ledger-audit": {"task": names.LEDGER_AUDIT,
                          "schedule": settings.audit_interval_seconds,
                          "options": {"queue": names.MAINTENANCE_QUEUE, "expires": 600}},
+        "prune": {"task": names.PRUNE, "schedule": settings.prune_interval_seconds,
+                  "options": {"queue": names.MAINTENANCE_QUEUE,
+                              "expires": settings.prune_interval_seconds}},
     }
     # Beat keeps its last-run times here; the folder may not exist on a fresh machine.
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -83,12 +86,17 @@ def create_celery(settings: Settings) -> Celery:
     if settings.broker_url.startswith("filesystem"):
         # The filesystem transport has no broadcast, so remote control cannot work there.
         app.conf.worker_enable_remote_control = False
+    # Task events feed Flower; off unless TASK_EVENTS=1 (their cost: celeryconfig.py).
+    app.conf.worker_send_task_events = settings.task_events
+    app.conf.task_send_sent_event = settings.task_events
     app.settings = settings
     app._runtime = None
-    from tasks import steps, sweeps
+    from tasks import housekeeping, metrics, steps, sweeps
 
     steps.register(app)
     sweeps.register(app)
+    metrics.connect()
+    housekeeping.register(app)
     return app
 
 

@@ -7,7 +7,7 @@ import uuid
 
 from celery import Task
 
-from pipeline import lifecycle
+from pipeline import lifecycle, logcontext
 
 log = logging.getLogger("pipeline.tasks")
 
@@ -21,7 +21,11 @@ class JobTask(Task):
 
     def __call__(self, job_id, *args, **kwargs):
         # Messages carry ids as strings; the use cases take UUIDs.
-        return super().__call__(uuid.UUID(str(job_id)), *args, **kwargs)
+        job_id = uuid.UUID(str(job_id))
+        # Every line the step logs carries the job and the task; the use case that loads
+        # the job's row adds its company, user, provider and content type (bind_job).
+        with logcontext.scope(job_id=job_id, task=self.name):
+            return super().__call__(job_id, *args, **kwargs)
 
     @property
     def runtime(self):
@@ -39,6 +43,8 @@ class JobTask(Task):
         except ValueError:
             log.error("%s failed for a message without a valid job id", self.name)
             return
-        log.error("job %s: %s failed: %s", job_id, self.name, type(exc).__name__)
-        lifecycle.fail(self.runtime.engine, job_id, code="INTERNAL_ERROR",
-                       message=f"{self.name.split('.')[-1]} step failed: {type(exc).__name__}")
+        with logcontext.scope(job_id=job_id, task=self.name):
+            log.error("job %s: %s failed: %s", job_id, self.name, type(exc).__name__)
+            lifecycle.fail(self.runtime.engine, job_id, code="INTERNAL_ERROR",
+                           message=f"{self.name.split('.')[-1]} step failed: "
+                                   f"{type(exc).__name__}")

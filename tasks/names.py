@@ -9,6 +9,7 @@ SETTLE = "pipeline.settle"
 FAIL_AND_REFUND = "pipeline.fail_and_refund"
 SWEEP = "pipeline.sweep"
 LEDGER_AUDIT = "pipeline.ledger_audit"
+PRUNE = "pipeline.prune"
 
 PIPELINE_QUEUE = "pipeline"
 LOCAL_QUEUE = "local"

@@ -2,7 +2,10 @@
 
 import sys
 
+from celery import signals
+
 from pipeline.config import ConfigError, Settings
+from service.logs import configure_logging, flush
 from tasks.app import create_celery
 
 try:
@@ -11,3 +14,33 @@ except ConfigError as exc:
     # SystemExit passes through celery's app loader; anything else becomes a traceback.
     sys.exit(f"error: {exc}")
 app = create_celery(settings)
+
+# `celery -A tasks.worker beat` loads this module too.
+SERVICE = "beat" if "beat" in sys.argv[1:] and "worker" not in sys.argv[1:] else "worker"
+
+
+_configured = False
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_):
+    # A receiver here means Celery installs no handler or format of its own, and leaves
+    # stdout alone: every line is ours (LOG_FORMAT, LOG_LEVEL; -l is not consulted).
+    global _configured  # noqa: PLW0603 (once per process, from whichever hook runs first)
+    if not _configured:
+        configure_logging(settings, service=SERVICE)
+        _configured = True
+
+
+@signals.celeryd_init.connect
+def _worker_init(instance=None, **_):
+    # Earlier than setup_logging: the worker's start-up warnings (running as root, say)
+    # come before Celery sets up logging, and would be printed as plain text.
+    _setup_logging()
+    if settings.log_format == "json":
+        instance.quiet = True  # the startup banner is not a log line
+
+
+@signals.worker_process_shutdown.connect
+def _write_last_log_rows(**_):
+    flush(timeout=2.0)  # a pool process ends with os._exit, past logging's own atexit

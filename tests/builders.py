@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from decimal import Decimal
 
@@ -86,3 +89,15 @@ def assert_wallet_matches_ledger(engine, company_id) -> None:
     assert wallet.credits_held == held
     assert wallet.credits_used == s["debit"] + s["late_debit"] - s["operator_refund"]
     assert wallet.credits_available >= 0
+
+
+def stop_process_group(proc, timeout: float = 20) -> None:
+    """SIGTERM a subprocess started in its own session, SIGKILL it past `timeout`."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

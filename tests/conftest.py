@@ -7,6 +7,7 @@ the servers are shared by everything running on the machine.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pipeline.config import Settings
 from pipeline.db import init_db
 from service.runtime import build_runtime
 from service.stack import free_port, worker_command
+from tests.builders import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -252,3 +254,59 @@ def start_worker(tmp_path):
 
 def pytest_report_header(config):
     return [f"python: {sys.executable}", f"postgres: {PG_ADMIN_URL}", f"redis: {REDIS_URL}"]
+
+
+class RedisServer:
+    """A Redis of this test's own, which it may kill and restart (never the shared one)."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self._log = open(workdir / "redis.log", "ab")  # noqa: SIM115
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        # Nothing is kept on disk: a restart loses every queued and unacknowledged message.
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+
+        def up():
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                return False
+
+        wait_for(up, timeout=20, interval=0.05, message="redis-server to answer")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, down_for: float = 0) -> None:
+        self.kill()
+        time.sleep(down_for)
+        self.start()
+
+    def close(self) -> None:
+        self.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        os.kill(server.proc.pid, signal.SIGCONT)  # a stopped process cannot die of SIGKILL
+    server.close()                                 # until it is continued on some kernels

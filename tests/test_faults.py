@@ -11,9 +11,7 @@ import importlib.util
 import logging
 import os
 import random
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -41,7 +39,6 @@ from pipeline.tables import (
     wallets,
 )
 from service.runtime import build_runtime
-from service.stack import free_port
 from tasks.app import create_celery
 from tasks.chain import CeleryPublisher, build_chain
 from tasks.names import ALL_QUEUES
@@ -292,7 +289,8 @@ CHAOS_NOISE = ("SIGKILL", "WorkerLostError", "Connection refused", "Cannot conne
 
 def error_lines(workers, limit: int = 20, *, ignore=()) -> list[str]:
     lines = [line for w in workers for line in w.log().splitlines()
-             if ("ERROR/" in line or "CRITICAL/" in line)
+             if any(mark in line for mark in ('"level": "ERROR"', '"level": "CRITICAL"',
+                                             "ERROR/", "CRITICAL/"))
              and not any(noise in line for noise in ignore)]
     return lines[-limit:]
 
@@ -405,60 +403,6 @@ def test_concurrent_submissions_never_overdraw_the_wallet(limit, own_database, o
 # --- 2. killed workers and a lost broker ---------------------------------------------------
 
 
-class RedisServer:
-    """A Redis of this test's own, which it may kill and restart (never the shared one)."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-        self._log = open(workdir / "redis.log", "ab")  # noqa: SIM115
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        # Nothing is kept on disk: a restart loses every queued and unacknowledged message.
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--daemonize", "no"],
-            cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-
-        def up():
-            try:
-                return client.ping()
-            except redis.ConnectionError:
-                return False
-
-        wait_for(up, timeout=20, interval=0.05, message="redis-server to answer")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def restart(self, down_for: float = 0) -> None:
-        self.kill()
-        time.sleep(down_for)
-        self.start()
-
-    def close(self) -> None:
-        self.kill()
-        self._log.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.close()
-
-
 def beat_pid(worker, concurrency: int) -> int:
     """The embedded beat process among a prefork worker's children.
 
@@ -487,7 +431,7 @@ def beat_pid(worker, concurrency: int) -> int:
 class Chaos(threading.Thread):
     """SIGKILLs a random pool child every 2-4 s; restarts the broker once, mid-run."""
 
-    def __init__(self, workers, spared: set[int], broker: RedisServer, restart_after: float):
+    def __init__(self, workers, spared: set[int], broker, restart_after: float):
         super().__init__(daemon=True)
         self.workers = workers
         self.spared = spared

@@ -8,7 +8,6 @@ every process has the same SECRET_KEY and PROVIDER_KEY_SECRETS.
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from cryptography.fernet import Fernet
 
 from pipeline.config import ConfigError, Settings, new_secrets
 from service.stack import free_port, worker_command
-from tests.builders import auth, make_company, wait_for, wait_terminal
+from tests.builders import auth, make_company, stop_process_group, wait_for, wait_terminal
 from tests.conftest import ROOT, distributed_env, runtime_for
 from tests.fakes.base import bearer
 from tests.fakes.stability import FakeStability
@@ -194,12 +193,7 @@ def api_process(env: dict, log_path: Path):
         wait_for(answers, timeout=60, message=f"the API on {url}")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 @pytest.mark.e2e

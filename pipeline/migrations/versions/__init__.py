@@ -1,0 +1,1 @@
+"""Alembic revisions, one file each, loaded by Alembic from their paths."""

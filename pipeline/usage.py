@@ -1,0 +1,51 @@
+"""One analytics row per finished job: `api_usage` (seed 002) and `metrics` (seed 000).
+
+Written inside the transaction whose compare-and-set ends the job (settle's completion,
+fail's), never beside it. That statement succeeds once per job, so a redelivered settle or
+a second fail writes nothing, and the rows commit or roll back with the outcome they
+describe. A late result (the provider finished after the job failed on an expired hold)
+ends the job a second time, as completed: its rows replace the failed ones.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from pipeline.db import aware_utc, new_id
+from pipeline.tables import api_usage, metrics
+
+# The metrics row's name; its value is the job's seconds from submission to its end.
+JOB_FINISHED = "job_finished"
+
+
+def record_finished(conn, job, *, status: str, finished_at, cost=Decimal(0),
+                    usage: dict | None = None, note: dict | None = None,
+                    error_code: str | None = None, replace: bool = False) -> None:
+    """`job` is the row as read (or returned) by the transaction that ends it; `replace`
+    when it ended once already (a late result), so its rows are there to overwrite."""
+    labels = {"status": status, "provider": job.provider, "content_type": job.content_type,
+              "company_id": str(job.company_id), "error_code": error_code,
+              "cost": str(cost), "estimated_cost": str(job.estimated_cost),
+              "attempts": job.attempts}
+    seconds = max((aware_utc(finished_at) - aware_utc(job.created_at)).total_seconds(), 0.0)
+    # No unique key on metrics: the job row's lock, held by the statement that ended the
+    # job, serializes the two writers a job can have (fail, then a late settle). Only that
+    # rare second one looks for a row to replace (metrics has no index on job_id).
+    replaced = replace and conn.execute(
+        update(metrics).where(metrics.c.name == JOB_FINISHED, metrics.c.job_id == job.id)
+        .values(value=seconds, labels=labels, timestamp=finished_at)).rowcount
+    if not replaced:
+        conn.execute(metrics.insert().values(id=new_id(), name=JOB_FINISHED, value=seconds,
+                                             labels=labels, job_id=job.id,
+                                             timestamp=finished_at))
+    values = {"company_id": job.company_id, "provider": job.provider,
+              "content_type": job.content_type, "usage": usage or {}, "cost": cost,
+              "metadata": {"status": status, **({"errorCode": error_code} if error_code else {}),
+                           **(note or {})}}
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    conn.execute(dialect.insert(api_usage)
+                 .values(id=new_id(), job_id=job.id, **values)
+                 .on_conflict_do_update(index_elements=["job_id"], set_=values))
