@@ -11,7 +11,8 @@ from tasks import filesystem_broker
 
 def _connection(folder):
     return Connection("filesystem://", transport_options={
-        "data_folder_in": str(folder), "data_folder_out": str(folder)})
+        "data_folder_in": str(folder), "data_folder_out": str(folder),
+        "control_folder": str(folder / "control")})
 
 
 def test_messages_written_while_a_consumer_polls_arrive_whole(tmp_path):
