@@ -8,8 +8,15 @@ from flask import Flask
 from flask_smorest import Api
 from marshmallow import fields, validate
 
-from api import access, gate
+from api import access, docs, gate
 from api.errors import register_error_handlers
+from api.schemas import ErrorEnvelope
+
+
+class PipelineApi(Api):
+    """flask-smorest's Api, its default error response written as our envelope."""
+
+    ERROR_SCHEMA = ErrorEnvelope
 
 
 def create_app(runtime) -> Flask:
@@ -22,26 +29,29 @@ def create_app(runtime) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Swagger UI's files are served from the installed package, not a CDN.
+        OPENAPI_SWAGGER_UI_URL=docs.ASSETS_URL,
+        # Swagger UI would otherwise ask validator.swagger.io to check the document.
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},
         API_SPEC_OPTIONS={
-            "components": {"securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer",
-                           "description": "An API key made by `pipeline company create`"}}},
+            "components": {"securitySchemes": docs.SECURITY_SCHEMES},
             "security": [{"bearer": []}],
         },
     )
     app.extensions["runtime"] = runtime
-    api = Api(app)
+    api = PipelineApi(app, spec_kwargs={"extra_plugins": [docs.ErrorResponses(app)]})
     api.ma_plugin.converter.add_attribute_function(numeric_range)
+    api.ma_plugin.converter.add_attribute_function(docs.runtime_values(runtime))
     from api import files, health, jobs, metrics, provider_keys, seed, wallet
 
     api.register_blueprint(jobs.blp)
     api.register_blueprint(wallet.blp)
     api.register_blueprint(provider_keys.blp)
-    app.register_blueprint(files.blp)
-    app.register_blueprint(seed.blp)
-    app.register_blueprint(health.blp)
-    metrics.init_app(app)
+    api.register_blueprint(files.blp)
+    api.register_blueprint(seed.blp)
+    api.register_blueprint(health.blp)
+    metrics.init_app(app, api)
+    app.register_blueprint(docs.assets_blueprint())
     gate.install(app)
     access.install(app)
     register_error_handlers(app)

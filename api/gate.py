@@ -32,8 +32,8 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 MAX_INTEGER = 2**63 - 1
 # Seen without a key: liveness, signed download links (the signature is the credential),
-# the OpenAPI document and its viewer, and the metrics endpoint.
-PUBLIC_BLUEPRINTS = frozenset({"health", "files", "api-docs", "metrics"})
+# the OpenAPI document and its viewer (with its assets), and the metrics endpoint.
+PUBLIC_BLUEPRINTS = frozenset({"health", "files", "api-docs", "docs-assets", "metrics"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 

@@ -7,14 +7,15 @@ import uuid
 from flask import current_app, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from sqlalchemy import select
 
 from api import schemas
 from api.auth import current_principal
+from api.docs import errors
 from api.idempotency import IDEMPOTENCY_KEY_DOC, Respond, ViewResult, idempotent, on_job_created
+from pipeline import cancel as cancel_uc
 from pipeline import jobs as jobs_uc
+from pipeline import listing
 from pipeline.errors import NotFound
-from pipeline.tables import jobs as jobs_table
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs",
                 description="Generation jobs: submit, then poll until completed or failed.")
@@ -49,7 +50,9 @@ def load_job_view(job_id: str) -> dict:
     rt = runtime()
     with rt.engine.connect() as conn:
         job = jobs_uc.get_job(conn, parse_job_id(job_id), current_principal().company_id)
-    return jobs_uc.job_view(job, rt.storage, rt.settings.link_ttl_seconds)
+        position = listing.queue_position(conn, job)
+    return jobs_uc.job_view(job, rt.storage, rt.settings.link_ttl_seconds,
+                            queue_position=position)
 
 
 def _location(accepted: dict) -> dict:
@@ -73,6 +76,8 @@ class Jobs(MethodView):
                       description="IDEMPOTENCY_IN_FLIGHT: a request with this key is running")
     @blp.alt_response(422, schema=schemas.ErrorEnvelope,
                       description="IDEMPOTENCY_KEY_REUSED: the key came with another body")
+    @errors("PROVIDER_NOT_CONFIGURED", "INSUFFICIENT_CREDITS", "BUDGET_EXCEEDED",
+            "IDEMPOTENCY_IN_FLIGHT", "IDEMPOTENCY_KEY_REUSED", "PROVIDER_UNAVAILABLE")
     def post(self, body):
         """Submit a generation job.
 
@@ -98,19 +103,36 @@ class Jobs(MethodView):
 
     @blp.arguments(schemas.JobListQuery, location="query")
     @blp.response(200, schemas.JobList)
+    @blp.alt_response(400, schema=schemas.ErrorEnvelope, description=(
+        "VALIDATION_ERROR: a malformed cursor, a date without a timezone, an unknown "
+        "status or content type; `details.field` names the parameter"))
+    @blp.alt_response(401, schema=schemas.ErrorEnvelope, description="Missing or bad API key")
     def get(self, query):
-        """List this company's most recent jobs, newest first."""
+        """List this company's jobs, newest first, a page at a time.
+
+        Each job is shown as `GET /v1/jobs/<id>` shows it. Filters combine (all must
+        hold): `status` (one or several, repeated or comma-separated), `contentType`,
+        `provider`, `createdAfter` and `createdBefore` (ISO 8601 with a timezone, both
+        exclusive; write `+` in an offset as `%2B`, or use `Z`). For the next page pass
+        `nextCursor` back as `cursor` with the same filters; it is null on the last page.
+        Jobs submitted while paging appear on no later page, and none repeats.
+        """
         rt = runtime()
-        stmt = (select(jobs_table)
-                .where(jobs_table.c.company_id == current_principal().company_id)
-                .order_by(jobs_table.c.created_at.desc())
-                .limit(query["limit"]))
-        if query["status"]:
-            stmt = stmt.where(jobs_table.c.status == query["status"])
+        after = listing.Cursor.decode(query["cursor"]) if query["cursor"] else None
+        filters = listing.JobFilter(
+            statuses=query["status"], content_type=query["contentType"],
+            provider=query["provider"], created_after=query["createdAfter"],
+            created_before=query["createdBefore"])
         with rt.engine.connect() as conn:
-            rows = conn.execute(stmt).all()
-        return {"jobs": [jobs_uc.job_view(r, rt.storage, rt.settings.link_ttl_seconds)
-                         for r in rows]}
+            rows, next_page = listing.list_jobs(
+                conn, current_principal().company_id, limit=query["limit"],
+                filters=filters, after=after)
+            positions = listing.queue_positions(conn, rows)
+        return {
+            "jobs": [jobs_uc.job_view(r, rt.storage, rt.settings.link_ttl_seconds,
+                                      queue_position=positions.get(r.id)) for r in rows],
+            "nextCursor": next_page.encode() if next_page else None,
+        }
 
 
 @blp.route("/<job_id>")
@@ -124,3 +146,29 @@ class JobById(MethodView):
         ask again for a fresh one. Another company's job is reported as not found.
         """
         return load_job_view(job_id)
+
+
+@blp.route("/<job_id>/cancel")
+class JobCancel(MethodView):
+    @blp.response(200, schemas.Job)
+    @blp.alt_response(401, schema=schemas.ErrorEnvelope, description="Missing or bad API key")
+    @blp.alt_response(404, schema=schemas.ErrorEnvelope, description="JOB_NOT_FOUND")
+    @blp.alt_response(409, schema=schemas.ErrorEnvelope, description=(
+        "JOB_ALREADY_FINISHED: the job is completed, failed or cancelled, or its result is "
+        "already generated; `details.status` is its status"))
+    def post(self, job_id):
+        """Cancel a job and refund its held credits in full.
+
+        A job that has not reached its provider ends at once. One that is generating ends
+        now too; its provider's work is stopped on the worker's next poll (Runway, OpenAI
+        video and ComfyUI are stopped at the provider; HeyGen offers no way to stop a
+        render and is left to finish unused). Nothing is charged either way. The job's
+        status becomes `cancelled`, and `error` says who cancelled it and when:
+        `{"code": "CANCELLED", "message": "Cancelled by API key <id> at <time>."}`.
+        Any key of the job's company may cancel it; another company's job is not found.
+        """
+        principal = current_principal()
+        rt = runtime()
+        job = cancel_uc.cancel_job(rt.engine, parse_job_id(job_id), principal.company_id,
+                                   by=f"API key {principal.api_key_id}")
+        return jobs_uc.job_view(job, rt.storage, rt.settings.link_ttl_seconds)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, current_app, request
+from flask import Response, current_app, request
+from flask_smorest import Blueprint
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -24,7 +25,7 @@ from pipeline.errors import Forbidden, Unauthorized
 from pipeline.tables import credit_holds, job_dispatches, jobs, metrics
 from service import metrics as exporter
 
-blp = Blueprint("metrics", __name__)
+blp = Blueprint("metrics", __name__, description="Prometheus metrics, for operators.")
 log = logging.getLogger("pipeline.metrics")
 
 # No count reads more index entries than this; a gauge at the cap means "at least".
@@ -33,16 +34,25 @@ STATEMENT_TIMEOUT_MS = 2000
 IN_FLIGHT = ("pending", "queued", "processing")
 
 
-def init_app(app) -> None:
+def init_app(app, api) -> None:
     """Serve /metrics, and record this process's events (jobs submitted) from now on."""
     telemetry.install(exporter.recorder())
     app.extensions["metrics_registry"] = exporter.scrape_registry(
         DatabaseCollector(app.extensions["runtime"]))
-    app.register_blueprint(blp)
+    api.register_blueprint(blp)
 
 
 @blp.get("/metrics")
+@blp.doc(responses={"200": {
+    "description": "The Prometheus text exposition format",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def export():
+    """Metrics in Prometheus' text format.
+
+    With METRICS_TOKEN set, send it as `Authorization: Bearer <METRICS_TOKEN>` (401
+    without it); without one, only callers on this machine's loopback are answered (403
+    otherwise). API keys are not used here.
+    """
     token = current_app.extensions["runtime"].settings.metrics_token
     if not exporter.may_scrape(request.headers.get("Authorization"), request.remote_addr,
                                token):

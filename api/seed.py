@@ -7,16 +7,22 @@ Both run the same use cases as /v1, `Idempotency-Key` included; only the shapes 
 
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask import request
+from flask_smorest import Blueprint
+from marshmallow import Schema, fields, validate
 
 from api.auth import current_principal
-from api.idempotency import idempotent
+from api.docs import errors
+from api.idempotency import IDEMPOTENCY_KEY_DOC, idempotent
 from api.jobs import load_job_view, runtime, submit
 from pipeline import accounts
 from pipeline.errors import Forbidden, ValidationFailed
-from pipeline.jobs import JobRequest
+from pipeline.jobs import CONTENT_TYPES, JobRequest
 
-blp = Blueprint("seed", __name__)
+blp = Blueprint("seed", __name__,
+                description="The seeds' APIs, kept for their existing clients: the same jobs "
+                            "as /v1/jobs in the seeds' shapes. The views parse their own "
+                            "bodies; these schemas only document them.")
 
 MEDIA_TYPES = ("image", "video", "audio")
 # The fields each seed documents (000's `companyId` is ours: the same check as 002's).
@@ -56,13 +62,117 @@ def _check_caller(body: dict) -> None:
         raise Forbidden("userId is not a user of the company of this API key.")
 
 
+_CALLER = ("must be the API key's own when sent (403 `FORBIDDEN` otherwise)")
+_SUBMIT_ERRORS = ("FORBIDDEN", "PROVIDER_NOT_CONFIGURED", "INSUFFICIENT_CREDITS",
+                  "BUDGET_EXCEEDED", "IDEMPOTENCY_IN_FLIGHT", "IDEMPOTENCY_KEY_REUSED",
+                  "PROVIDER_UNAVAILABLE")
+
+
+class GenerateRequest(Schema):
+    """Seed 000's body; a field not listed here is refused (400)."""
+
+    userId = fields.String(allow_none=True, metadata={"description": f"A user id: {_CALLER}"})
+    companyId = fields.String(allow_none=True,
+                              metadata={"description": f"A company id: {_CALLER}"})
+    contentType = fields.String(required=True, validate=validate.OneOf(CONTENT_TYPES))
+    prompt = fields.String(required=True, metadata={
+        "documents": "prompt",
+        "description": "What to generate: at least one visible character, at most "
+                       "MAX_PROMPT_LENGTH (default 4000)"})
+    settings = fields.Dict(keys=fields.String(), allow_none=True,
+                           metadata={"description": "Provider settings"})
+    providerName = fields.String(allow_none=True, metadata={
+        "documents": "provider", "description": "Optional provider; chosen if absent"})
+    provider = fields.String(allow_none=True, metadata={
+        "documents": "provider", "description": "Alias of providerName"})
+
+
+class GenerateAccepted(Schema):
+    jobId = fields.String()
+    status = fields.String(validate=validate.OneOf(("accepted",)))
+    estimatedCost = fields.Float(metadata={"description": "Credits held for the job"})
+
+
+class PreviewResult(Schema):
+    url = fields.String(metadata={"description": "A signed link that expires"})
+    metadata = fields.Dict()
+
+
+class Preview(Schema):
+    jobId = fields.String()
+    status = fields.String(validate=validate.OneOf(
+        ("pending", "processing", "completed", "failed")), metadata={
+        "description": "Seed 000's words: queued is `pending`, cancelled is `failed`"})
+    contentType = fields.String()
+    createdAt = fields.String()
+    updatedAt = fields.String()
+    result = fields.Nested(PreviewResult, allow_none=True)
+    preview = fields.String(allow_none=True)
+    error = fields.String(metadata={"description": "Why the job failed (only then)"})
+
+
+class MediaParams(Schema):
+    prompt = fields.String(metadata={"description": "The prompt (or `text`)"})
+    text = fields.String(metadata={"description": "The prompt, for audio"})
+
+
+class MediaStartRequest(Schema):
+    """Seed 002's body; a field not listed here is refused (400)."""
+
+    companyId = fields.String(allow_none=True,
+                              metadata={"description": f"A company id: {_CALLER}"})
+    userId = fields.String(allow_none=True, metadata={"description": f"A user id: {_CALLER}"})
+    jobType = fields.String(required=True, validate=validate.OneOf(MEDIA_TYPES))
+    params = fields.Nested(MediaParams, allow_none=True, metadata={
+        "description": "`prompt` (or `text`), and any other entry is passed to the "
+                       "provider as a setting"})
+    provider = fields.String(allow_none=True, metadata={"documents": "provider"})
+
+
+class MediaStarted(Schema):
+    success = fields.Boolean()
+    jobId = fields.String()
+    status = fields.String(validate=validate.OneOf(("queued",)))
+    provider = fields.String()
+    estimated_cost = fields.Float()
+    message = fields.String()
+
+
+class MediaStatus(Schema):
+    success = fields.Boolean()
+    jobId = fields.String()
+    status = fields.String(validate=validate.OneOf(
+        ("queued", "processing", "completed", "failed")), metadata={
+        "description": "Seed 002's words: pending is `queued`, cancelled is `failed`"})
+    provider = fields.String()
+    estimated_cost = fields.Float(allow_none=True)
+    actual_cost = fields.Float(allow_none=True)
+    asset = fields.Dict(allow_none=True, metadata={
+        "description": "The result: `url`, `contentType`, `size`, `metadata`"})
+    error = fields.String(allow_none=True)
+    created_at = fields.String()
+    updated_at = fields.String()
+
+
+def _body(schema) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 def _number(value: str | None):
     # The seeds document costs as JSON numbers; they are exact decimals in the ledger.
     return None if value is None else float(value)
 
 
 @blp.post("/api/generate")
+@blp.doc(requestBody=_body(GenerateRequest), parameters=[IDEMPOTENCY_KEY_DOC])
+@blp.alt_response(202, schema=GenerateAccepted, description="The job is accepted")
+@errors(*_SUBMIT_ERRORS)
 def generate():
+    """Submit a job (seed 000).
+
+    The same job as `POST /v1/jobs`, in seed 000's shapes; `Idempotency-Key` works the
+    same way. Poll it with `GET /api/preview/{jobId}`.
+    """
     body = _json_body(GENERATE_FIELDS)
 
     def run():
@@ -85,7 +195,10 @@ _SEED000_STATUS = {"pending": "pending", "queued": "pending", "processing": "pro
 
 
 @blp.get("/api/preview/<job_id>")
+@blp.alt_response(200, schema=Preview, description="The job, in seed 000's words")
+@errors("JOB_NOT_FOUND")
 def preview(job_id: str):
+    """A job's status and result (seed 000)."""
     view = load_job_view(job_id)
     body = {
         "jobId": view["jobId"],
@@ -104,7 +217,15 @@ def preview(job_id: str):
 
 
 @blp.post("/functions/v1/media-start")
+@blp.doc(requestBody=_body(MediaStartRequest), parameters=[IDEMPOTENCY_KEY_DOC])
+@blp.alt_response(200, schema=MediaStarted, description="The job is queued")
+@errors(*_SUBMIT_ERRORS)
 def media_start():
+    """Submit a job (seed 002).
+
+    The same job as `POST /v1/jobs`, in seed 002's shapes; `Idempotency-Key` works the
+    same way. Poll it with `GET /functions/v1/media-status?jobId=`.
+    """
     body = _json_body(MEDIA_START_FIELDS)
     return idempotent("POST /functions/v1/media-start", body, lambda: _media_start(body))
 
@@ -141,7 +262,13 @@ _SEED002_STATUS = {"pending": "queued", "queued": "queued", "processing": "proce
 
 
 @blp.get("/functions/v1/media-status")
+@blp.doc(parameters=[{"in": "query", "name": "jobId", "required": True,
+                      "schema": {"type": "string", "minLength": 1},
+                      "description": "The job id that media-start returned"}])
+@blp.alt_response(200, schema=MediaStatus, description="The job, in seed 002's words")
+@errors("JOB_NOT_FOUND")
 def media_status():
+    """A job's status, costs and result (seed 002)."""
     job_id = request.args.get("jobId")
     if not job_id:
         raise ValidationFailed("jobId is required.", details={"field": "jobId"})

@@ -266,9 +266,12 @@ class _Run:
         """An asynchronous SaaS job still running: hand the slot back, poll again later."""
         if self.past_deadline():
             return self.timed_out(request)
-        lifecycle.release_claim(self.engine, self.job.id, remote_id=pending.remote_id,
-                                progress=pending.progress,
-                                wake_in=self.settings.poll_interval_seconds)
+        if not lifecycle.release_claim(self.engine, self.job.id, remote_id=pending.remote_id,
+                                       progress=pending.progress,
+                                       wake_in=self.settings.poll_interval_seconds):
+            # Ended while the call ran (a cancel during the start): the row may never have
+            # heard of this remote id, so no later delivery could stop the work. Stop it now.
+            return self.ended_elsewhere(request)
         return Later(self.settings.poll_interval_seconds, "poll")
 
     def ended_elsewhere(self, request: GenerationRequest) -> Stop:

@@ -173,8 +173,10 @@ def get_job(conn, job_id, company_id=None):
     return row
 
 
-def job_view(job, storage, link_ttl: int) -> dict:
-    """The job as clients see it (camelCase, costs as strings of exact decimals)."""
+def job_view(job, storage, link_ttl: int, queue_position: int | None = None) -> dict:
+    """The job as clients see it (camelCase, costs as strings of exact decimals).
+
+    `queue_position` is pipeline.listing's place of a waiting job in its queue."""
     result = None
     if job.result and job.status == "completed":
         result = {
@@ -213,6 +215,7 @@ def job_view(job, storage, link_ttl: int) -> dict:
         "result": result,
         "preview": job.preview,
         "error": error,
+        "queuePosition": queue_position,
     }
 
 

@@ -60,6 +60,10 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
     a budget cannot cover it.
     """
     with engine.begin() as conn:
+        # Lock the job first: a cancel (or any fail) ending it meanwhile waits for this
+        # hold, then voids it, or ends it first and this finds it terminal. Without the
+        # lock a hold could be taken for a job that a cancel had just ended.
+        conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
         job = get_job(conn, job_id)
         logcontext.bind_job(job)
         if job.status in TERMINAL_STATUSES:
@@ -203,19 +207,20 @@ def switch_provider(engine, job_id, *, from_provider: str, to_provider: str,
 
 
 def release_claim(engine, job_id, *, wake_in: float = 0.0, remote_id: str | None = None,
-                  progress: float | None = None) -> None:
+                  progress: float | None = None) -> bool:
     """Give the job back for a retry or poll due in `wake_in` seconds, keeping a remote id.
 
     `wake_at` tells the sweeper when the scheduled message is due, so a job waiting out a
-    long Retry-After is not mistaken for one whose message was lost.
+    long Retry-After is not mistaken for one whose message was lost. False when the job
+    is no longer processing (cancelled, or failed, while the call ran).
     """
     now = utcnow()
     values = {"heartbeat_at": None, "updated_at": now,
               "wake_at": now + timedelta(seconds=wake_in), **_remote_state(remote_id, progress)}
     with engine.begin() as conn:
-        conn.execute(
+        return bool(conn.execute(
             update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)
-        )
+        ).rowcount)
 
 
 def _file_record(data: bytes, mime_type: str, metadata: dict) -> dict:

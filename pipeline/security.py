@@ -39,4 +39,6 @@ def verify_signature(secret_key: str, path: str, expires: str, signature: str,
         return False
     if expires_at < (now or time.time()):
         return False
-    return hmac.compare_digest(sign_path(secret_key, path, expires_at), signature or "")
+    # As bytes: compare_digest refuses str with non-ASCII characters (a 500, not a 403).
+    return hmac.compare_digest(sign_path(secret_key, path, expires_at).encode(),
+                               (signature or "").encode(errors="surrogatepass"))

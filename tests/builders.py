@@ -101,3 +101,15 @@ def stop_process_group(proc, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def job_row(engine, job_id):
+    with engine.connect() as conn:
+        return conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+
+
+def ledger_entries(engine, job_id) -> list[str]:
+    """The types of the job's ledger entries, sorted."""
+    with engine.connect() as conn:
+        return sorted(r.type for r in conn.execute(
+            select(transactions.c.type).where(transactions.c.job_id == job_id)))

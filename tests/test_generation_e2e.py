@@ -11,10 +11,12 @@ import time
 import pytest
 from sqlalchemy import select
 
-from pipeline.tables import job_attempts, jobs, transactions
+from pipeline.tables import job_attempts
 from tests.builders import (
     assert_wallet_matches_ledger,
     auth,
+    job_row,
+    ledger_entries,
     wait_for,
     wait_terminal,
     wallet_of,
@@ -64,14 +66,11 @@ def _submit(client, company, content_type, provider, settings=None):
 
 
 def _job(rt, job_id):
-    with rt.engine.connect() as conn:
-        return conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+    return job_row(rt.engine, job_id)
 
 
 def _entries(rt, job_id):
-    with rt.engine.connect() as conn:
-        return sorted(r.type for r in conn.execute(
-            select(transactions.c.type).where(transactions.c.job_id == job_id)))
+    return ledger_entries(rt.engine, job_id)
 
 
 # provider, settings, the fake's submit route, its poll route, its cancel route (None: the

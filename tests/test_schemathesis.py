@@ -8,6 +8,7 @@ import collections
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from api import create_app
@@ -16,7 +17,7 @@ from tests.conftest import _scratch_database, distributed_env, runtime_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
-EXAMPLES_PER_MODE = 15  # x 2 modes x 12 operations: about 360 requests per backend
+EXAMPLES_PER_MODE = 15  # x 2 modes x 21 operations: about 600 requests per backend
 
 
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])
@@ -47,7 +48,7 @@ def test_no_generated_request_gets_a_server_error(backend):
         "POST /v1/jobs", "POST /v1/wallet/deposits", "POST /v1/wallet/refunds",
         "PUT /v1/wallet/budgets", "PUT /v1/provider-keys/{provider}"}
 
-    def fuzz(strategy):
+    def fuzz(strategy, mode):
         @given(case=strategy)
         @settings(max_examples=EXAMPLES_PER_MODE, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
@@ -58,11 +59,16 @@ def test_no_generated_request_gets_a_server_error(backend):
             if resp.status_code >= 400:
                 assert set(resp.json()) == {"error", "code", "details"}, resp.text[:300]
 
-        call()
+        try:
+            call()
+        except Unsatisfiable:
+            # An operation without parameters or body (/healthz) has no invalid request.
+            if mode is not GenerationMode.NEGATIVE:
+                raise
 
     for operation in operations:
         for mode in GenerationMode:
-            fuzz(operation.as_strategy(generation_mode=mode))
+            fuzz(operation.as_strategy(generation_mode=mode), mode)
     # Both sides were exercised: accepted requests and refused ones.
     assert seen[2] > 50, seen
     assert seen[4] > 50, seen

@@ -1,0 +1,76 @@
+"""Cancel a job on a client's request: end it as `cancelled` and refund its hold in full.
+
+One transaction, one compare-and-set on the job row: whichever ends the job first (this
+cancel, the settle step, a failure, the sweeper) decides its money, and the others find it
+terminal and move nothing. Remote work is not stopped here (no provider call inside a
+transaction, and the API holds no provider client): the generate step sees the job
+`cancelled` on its next poll or heartbeat and cancels it at the provider (Runway's
+DELETE, OpenAI's video delete, ComfyUI's /interrupt and queue removal; HeyGen documents
+no way to stop a render, so it runs on and is ignored).
+
+The client is refunded in full whatever the provider charges us for the part that ran:
+a job can be cancelled only while no output exists. Once the provider's result is stored,
+the job is finishing and a cancel is refused (409), so a billable output is never thrown
+away for free, nor charged for after a cancel.
+
+Who cancelled and when is kept in the job's `error_code` (`CANCELLED`) and `error`
+("Cancelled by API key <id> at <time>."), which `GET /v1/jobs/<id>` shows as
+`error: {code, message}`; there are no dedicated columns for them yet.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import update
+
+from pipeline import ledger, logcontext, telemetry, usage
+from pipeline.db import iso_utc, utcnow
+from pipeline.errors import Conflict
+from pipeline.jobs import get_job
+from pipeline.tables import TERMINAL_STATUSES, jobs
+
+CODE = "CANCELLED"
+
+log = logging.getLogger("pipeline.cancel")
+
+
+class JobAlreadyFinished(Conflict):
+    """The job ended (or its result is already generated): there is nothing to cancel."""
+
+    code = "JOB_ALREADY_FINISHED"
+
+
+def cancel_job(engine, job_id, company_id, *, by: str):
+    """Cancel the company's job and refund its hold; the job's row as it ends.
+
+    `by` names who asked ("API key <id>"). Raises NotFound for another company's job (or
+    none) and JobAlreadyFinished when the job is terminal or its output exists.
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        get_job(conn, job_id, company_id)  # scope first: another company's job is a 404
+        ended = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.company_id == company_id,
+                   jobs.c.status.not_in(TERMINAL_STATUSES), jobs.c.output_key.is_(None))
+            .values(status="cancelled", error_code=CODE,
+                    error=f"Cancelled by {by} at {iso_utc(now)}.",
+                    completed_at=now, updated_at=now, wake_at=None)
+            .returning(*jobs.c)
+        ).first()
+        if ended is None:
+            job = get_job(conn, job_id, company_id)
+            raise JobAlreadyFinished(
+                "The job has finished or its result is already generated; it cannot be "
+                "cancelled.", details={"jobId": str(job_id), "status": job.status})
+        logcontext.bind_job(ended)
+        # No hold yet (cancelled before the reserve step): nothing to refund, and the
+        # reserve step, finding the job terminal, will take none.
+        refunded = ledger.void(conn, job_id, reason=CODE)
+        usage.record_finished(conn, ended, status="cancelled", finished_at=now,
+                              error_code=CODE)
+    log.info("job cancelled by %s; refunded %s", by, refunded or 0)
+    telemetry.job_finished(ended, "cancelled", CODE)
+    telemetry.credits("refunded", ended.provider, refunded)
+    return ended
