@@ -108,10 +108,35 @@ def check_body() -> None:
     except RecursionError:
         raise _too_deep("") from None
     except json.JSONDecodeError as exc:
-        raise ValidationFailed("The request body is not valid JSON.",
-                               details={"line": exc.lineno, "column": exc.colno,
-                                        "reason": exc.msg}) from None
+        raise _not_json(exc) from None
     check_value(value)
+
+
+def _not_json(exc: json.JSONDecodeError) -> ValidationFailed:
+    """Say exactly why a body is not JSON; comments and trailing commas by name, since
+    examples copied from documentation (seed 000's request body, say) often carry them."""
+    text, pos = exc.doc, exc.pos
+    # The parser stops at the first character it cannot take, never inside a string:
+    # a `//` or `/*` there is a comment.
+    if text.startswith(("//", "/*"), pos):
+        shown = "// ..." if text.startswith("//", pos) else "/* ... */"
+        return _syntax(f"JSON does not allow comments: remove the `{shown}`", text, pos,
+                       "comments are not JSON")
+    before = len(text[:pos].rstrip())
+    if text[pos:pos + 1] in ("]", "}") and text[before - 1:before] == ",":
+        return _syntax("JSON does not allow a trailing comma: remove the `,`", text,
+                       before - 1, "trailing commas are not JSON")
+    return ValidationFailed("The request body is not valid JSON.",
+                            details={"line": exc.lineno, "column": exc.colno,
+                                     "reason": exc.msg})
+
+
+def _syntax(what: str, text: str, pos: int, reason: str) -> ValidationFailed:
+    line = text.count("\n", 0, pos) + 1
+    column = pos - text.rfind("\n", 0, pos)  # 1-based, as JSONDecodeError counts
+    return ValidationFailed(f"The request body is not valid JSON. {what} at line {line}, "
+                            f"column {column}.",
+                            details={"line": line, "column": column, "reason": reason})
 
 
 def _too_deep(field: str) -> ValidationFailed:

@@ -245,15 +245,21 @@ def _media_start(body: dict):
                   _media_started)
 
 
+# The message names the provider as seed 002 does ("Job queued for ComfyUI processing").
+_PROVIDER_TITLES = {"comfyui": "ComfyUI", "runway": "Runway", "heygen": "HeyGen",
+                    "elevenlabs": "ElevenLabs", "openai": "OpenAI", "stability": "Stability AI"}
+
+
 def _media_started(job: dict, _queued: bool):
     # Seed 002 says `queued` for a job the outbox has yet to publish too: it will be.
+    title = _PROVIDER_TITLES.get(job["provider"], job["provider"])
     return {
         "success": True,
         "jobId": str(job["id"]),
         "status": "queued",
         "provider": job["provider"],
         "estimated_cost": _number(str(job["estimated_cost"])),
-        "message": f"Job queued for {job['provider']} processing",
+        "message": f"Job queued for {title} processing",
     }, 200, {}
 
 
