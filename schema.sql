@@ -108,6 +108,14 @@ CREATE TABLE jobs (
     wake_at TIMESTAMPTZ,
     -- when the provider's remote work must be done, or be cancelled:
     deadline_at TIMESTAMPTZ,
+    -- Revision 0005. The client's deadline (Cancel-After): cancelled if not done by then:
+    cancel_after TIMESTAMPTZ,
+    cancelled_at TIMESTAMPTZ,
+    -- who asked: "API key <id>", or "deadline":
+    cancelled_by TEXT,
+    -- where this job's events are sent, and which of them (NULL: every event):
+    webhook_url TEXT,
+    webhook_events JSONB,
     CONSTRAINT ck_jobs_content_type CHECK (content_type IN ('text', 'image', 'audio', 'video')),
     CONSTRAINT ck_jobs_status CHECK (
         status IN ('pending', 'queued', 'processing', 'completed', 'failed', 'cancelled')
@@ -118,6 +126,14 @@ CREATE TABLE jobs (
 CREATE INDEX ix_jobs_company_created ON jobs (company_id, created_at);
 -- The sweeper's scans: jobs by status and age of their last sign of life.
 CREATE INDEX ix_jobs_status_heartbeat ON jobs (status, heartbeat_at);
+-- The list filtered by status, newest first, within one company.
+CREATE INDEX ix_jobs_company_status_created ON jobs (company_id, status, created_at);
+-- Queue positions: the waiting jobs of a provider in order; small, as jobs leave it.
+CREATE INDEX ix_jobs_waiting ON jobs (provider, created_at, id)
+    WHERE status IN ('pending', 'queued');
+-- The sweeper's deadline pass: only live jobs with a deadline are in it.
+CREATE INDEX ix_jobs_cancel_after ON jobs (cancel_after)
+    WHERE cancel_after IS NOT NULL AND status IN ('pending', 'queued', 'processing');
 
 -- The outbox: written with the job in one transaction, relayed to the broker after.
 CREATE TABLE job_dispatches (

@@ -24,7 +24,7 @@ import logging
 
 from sqlalchemy import update
 
-from pipeline import ledger, logcontext, telemetry, usage
+from pipeline import jobevents, ledger, logcontext, telemetry, usage
 from pipeline.db import iso_utc, utcnow
 from pipeline.errors import Conflict
 from pipeline.jobs import get_job
@@ -55,8 +55,8 @@ def cancel_job(engine, job_id, company_id, *, by: str):
             .where(jobs.c.id == job_id, jobs.c.company_id == company_id,
                    jobs.c.status.not_in(TERMINAL_STATUSES), jobs.c.output_key.is_(None))
             .values(status="cancelled", error_code=CODE,
-                    error=f"Cancelled by {by} at {iso_utc(now)}.",
-                    completed_at=now, updated_at=now, wake_at=None)
+                    error=f"Cancelled by {by} at {iso_utc(now)}.", cancelled_by=by,
+                    cancelled_at=now, completed_at=now, updated_at=now, wake_at=None)
             .returning(*jobs.c)
         ).first()
         if ended is None:
@@ -70,6 +70,8 @@ def cancel_job(engine, job_id, company_id, *, by: str):
         refunded = ledger.void(conn, job_id, reason=CODE)
         usage.record_finished(conn, ended, status="cancelled", finished_at=now,
                               error_code=CODE)
+        jobevents.record(conn, ended, "cancelled")
+    jobevents.announce(ended.id, "cancelled")
     log.info("job cancelled by %s; refunded %s", by, refunded or 0)
     telemetry.job_finished(ended, "cancelled", CODE)
     telemetry.credits("refunded", ended.provider, refunded)

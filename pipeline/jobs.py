@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, and_, select, update
 
-from pipeline import budgets, ledger, routing, telemetry
+from pipeline import budgets, jobevents, ledger, routing, telemetry
 from pipeline.db import iso_utc, new_id, utcnow
 from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
 from pipeline.pricing import PriceTable
@@ -136,6 +136,7 @@ def dispatch(engine, publisher, job_id, queue: str) -> bool:
         return False
     with engine.begin() as conn:
         mark_dispatched(conn, job_id)
+    jobevents.announce(job_id, "queued")
     return True
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
 
-from pipeline import budgets, catalogue, ledger, logcontext, telemetry, usage
+from pipeline import budgets, catalogue, jobevents, ledger, logcontext, telemetry, usage
 from pipeline.db import aware_utc, insert_ignore, new_id, utcnow
 from pipeline.errors import PipelineError
 from pipeline.jobs import get_job
@@ -114,10 +114,14 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
                     heartbeat_at=now, wake_at=None, updated_at=now)
             .returning(*jobs.c)
         ).first()
+        first = row is not None and aware_utc(row.started_at) == now  # it waited until now
+        if first:
+            jobevents.record(conn, row, "processing")
     if row is None:
         return None
-    if aware_utc(row.started_at) == now:  # the first claim: the job waited until now
+    if first:
         telemetry.job_started(catalogue.queue_for(row.provider), row.queued_at or row.created_at)
+        jobevents.announce(row.id, "processing")
     return Claim(row, row.remote_id, aware_utc(row.deadline_at), row.attempts)
 
 
@@ -179,10 +183,21 @@ def heartbeat(engine, job_id, *, remote_id: str | None = None,
     """A sign of life from a step that holds the job; False when it is no longer processing."""
     values = {"heartbeat_at": utcnow(), "updated_at": utcnow(),
               **_remote_state(remote_id, progress)}
+    return _update_processing(engine, job_id, values, progress)
+
+
+def _update_processing(engine, job_id, values: dict, progress: float | None) -> bool:
+    """Update a processing job; a reported progress is an event. False when not processing."""
+    stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)
     with engine.begin() as conn:
-        return bool(conn.execute(
-            update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing")
-            .values(**values)).rowcount)
+        if progress is None:
+            return bool(conn.execute(stmt).rowcount)
+        row = conn.execute(stmt.returning(*jobs.c)).first()
+        if row is not None:
+            jobevents.record(conn, row, "progress")
+    if row is not None:
+        jobevents.announce(job_id, "progress")
+    return row is not None
 
 
 def switch_provider(engine, job_id, *, from_provider: str, to_provider: str,
@@ -217,10 +232,7 @@ def release_claim(engine, job_id, *, wake_in: float = 0.0, remote_id: str | None
     now = utcnow()
     values = {"heartbeat_at": None, "updated_at": now,
               "wake_at": now + timedelta(seconds=wake_in), **_remote_state(remote_id, progress)}
-    with engine.begin() as conn:
-        return bool(conn.execute(
-            update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)
-        ).rowcount)
+    return _update_processing(engine, job_id, values, progress)
 
 
 def _file_record(data: bytes, mime_type: str, metadata: dict) -> dict:
@@ -337,6 +349,7 @@ def settle(engine, job_id) -> bool:
         ).rowcount
         if not completed:
             return False
+        jobevents.record(conn, job, "completed")
         debited = ledger.settle(conn, job_id, cost)
         # The hold is the estimate; what the debit left of it went back to the wallet.
         released = None if debited is None else job.estimated_cost - debited
@@ -354,6 +367,7 @@ def settle(engine, job_id) -> bool:
         usage.record_finished(conn, job, status="completed", finished_at=now, cost=debited,
                               usage=output_usage, note=usage_note,
                               replace="late" in usage_note)
+    jobevents.announce(job_id, "completed")
     telemetry.job_finished(job, "completed")
     telemetry.credits("debited", job.provider, debited)
     telemetry.credits("released", job.provider, released)
@@ -380,7 +394,9 @@ def fail(engine, job_id, *, code: str, message: str, status: str = "failed") -> 
             logcontext.bind_job(changed)
             usage.record_finished(conn, changed, status=status, finished_at=now,
                                   error_code=code)
+            jobevents.record(conn, changed, status)
     if changed is not None:
+        jobevents.announce(job_id, status)
         log.info("job %s: %s", status, code)
         telemetry.job_finished(changed, status, code)
     telemetry.credits("refunded", "" if changed is None else changed.provider, refunded)

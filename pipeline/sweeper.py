@@ -27,7 +27,7 @@ from decimal import Decimal
 
 from sqlalchemy import and_, or_, select, update
 
-from pipeline import idempotency, ledger, lifecycle, telemetry
+from pipeline import idempotency, jobevents, ledger, lifecycle, telemetry
 from pipeline import jobs as jobs_uc
 from pipeline.db import utcnow
 from pipeline.pricing import PriceTable
@@ -104,6 +104,7 @@ def relay_outbox(engine, publisher, *, grace_seconds: int, batch: int = 100) -> 
             break
         with engine.begin() as conn:
             jobs_uc.mark_dispatched(conn, row.id)
+        jobevents.announce(row.id, "queued")
         sent += 1
     if sent:
         log.info("relay: published %d jobs whose dispatch never reached the broker", sent)

@@ -150,6 +150,9 @@ providers = Table(
 JOB_STATUSES = ("pending", "queued", "processing", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 
+WAITING = "status IN ('pending', 'queued')"
+DEADLINED = "cancel_after IS NOT NULL AND status IN ('pending', 'queued', 'processing')"
+
 jobs = Table(
     "jobs",
     metadata,
@@ -189,6 +192,11 @@ jobs = Table(
     _ts("stored_at"),
     _ts("settled_at"),
     _ts("completed_at"),
+    _ts("cancel_after"),  # the client's deadline (Cancel-After): cancelled if not done by then
+    _ts("cancelled_at"),
+    Column("cancelled_by", Text),  # who asked: "API key <id>", or "deadline"
+    Column("webhook_url", Text),  # where this job's events are sent, if anywhere
+    Column("webhook_events", Json),  # which of them (None: every event)
     CheckConstraint(
         "content_type IN ('text', 'image', 'audio', 'video')", name="ck_jobs_content_type"
     ),
@@ -200,6 +208,14 @@ jobs = Table(
     CheckConstraint("actual_cost >= 0", name="ck_jobs_actual_cost_nonneg"),
     Index("ix_jobs_company_created", "company_id", "created_at"),
     Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+    # The list filtered by status, newest first, within one company.
+    Index("ix_jobs_company_status_created", "company_id", "status", "created_at"),
+    # Queue positions: the waiting jobs of a provider in order; small, as jobs leave it.
+    Index("ix_jobs_waiting", "provider", "created_at", "id",
+          postgresql_where=text(WAITING), sqlite_where=text(WAITING)),
+    # The sweeper's deadline pass: only live jobs with a deadline are in it.
+    Index("ix_jobs_cancel_after", "cancel_after",
+          postgresql_where=text(DEADLINED), sqlite_where=text(DEADLINED)),
 )
 
 job_dispatches = Table(

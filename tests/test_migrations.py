@@ -38,7 +38,7 @@ from pipeline.migrations import (
 from tests.conftest import ROOT, _scratch_database
 
 BACKENDS = [pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"]
-EARLIER = ("0001", "0002", "0003")  # every revision before head
+EARLIER = ("0001", "0002", "0003", "0004")  # every revision before head
 HAS_PG_DUMP = shutil.which("pg_dump") is not None
 
 
@@ -224,10 +224,11 @@ def _made_before_migrations(db: Database, how: str) -> None:
 
 
 @pytest.mark.parametrize(("backend", "how", "found_at"), [
-    pytest.param("postgresql", "schema.sql", "0003", marks=pytest.mark.postgres),
+    # The last version before migrations was at 0003 (schema.sql and create_all then).
+    pytest.param("postgresql", "0003", "0003", marks=pytest.mark.postgres),
     pytest.param("postgresql", "0001", "0001", marks=pytest.mark.postgres),
     pytest.param("postgresql", "0002", "0002", marks=pytest.mark.postgres),
-    ("sqlite", "create_all", "0003"),
+    ("sqlite", "0003", "0003"),
     ("sqlite", "0001", "0001"),
     ("sqlite", "0001+provider_leases", "0001"),
     ("sqlite", "0002", "0002"),
@@ -346,7 +347,9 @@ def test_db_upgrade_and_init_say_what_they_did(tmp_path):
 
 def test_db_upgrade_adopts_an_embedded_database_made_before_migrations(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path}/var/pipeline.db")
-    tables.metadata.create_all(engine)
+    # The last version before migrations: 0003's tables, no alembic_version.
+    upgrade(engine, "0003")
+    _drop_version(engine)
     ids = write_rows(engine)
     engine.dispose()
 
