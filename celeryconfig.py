@@ -54,6 +54,10 @@ task_routes = {
     names.SWEEP: {"queue": names.MAINTENANCE_QUEUE, "routing_key": names.MAINTENANCE_QUEUE},
     names.LEDGER_AUDIT: {"queue": names.MAINTENANCE_QUEUE,
                          "routing_key": names.MAINTENANCE_QUEUE},
+    names.WEBHOOK_RELAY: {"queue": names.MAINTENANCE_QUEUE,
+                          "routing_key": names.MAINTENANCE_QUEUE},
+    names.WEBHOOK_DELIVER: {"queue": names.MAINTENANCE_QUEUE,
+                            "routing_key": names.MAINTENANCE_QUEUE},
 }
 
 # Redis: a message not acknowledged within this window is handed to another worker.

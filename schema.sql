@@ -331,3 +331,42 @@ CREATE TABLE provider_circuits (
     opened_until TIMESTAMPTZ,
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Revision 0006. Each company's webhook signing secrets (Fernet ciphertext): the current
+-- one, and the previous one until previous_expires_at (a rotation's grace period).
+CREATE TABLE webhook_secrets (
+    company_id UUID PRIMARY KEY REFERENCES companies (id),
+    secret_data TEXT NOT NULL,
+    previous_data TEXT,
+    previous_expires_at TIMESTAMPTZ,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    rotated_at TIMESTAMPTZ
+);
+
+-- Revision 0006. One row per job event to send to the job's webhook, written in the
+-- transaction that changed the job (an outbox), then its delivery log. sequence is the
+-- progress step (0 for other events): one webhook per event and per tenth of progress.
+CREATE TABLE webhook_deliveries (
+    id UUID PRIMARY KEY,
+    job_id UUID NOT NULL REFERENCES jobs (id),
+    company_id UUID NOT NULL REFERENCES companies (id),
+    event TEXT NOT NULL,
+    sequence INTEGER NOT NULL DEFAULT 0,
+    url TEXT NOT NULL,
+    payload JSONB,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TIMESTAMPTZ,
+    claim_token TEXT,
+    last_status_code INTEGER,
+    last_error TEXT,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_attempt_at TIMESTAMPTZ,
+    delivered_at TIMESTAMPTZ,
+    CONSTRAINT uq_webhook_deliveries_job_event UNIQUE (job_id, event, sequence),
+    CONSTRAINT ck_webhook_deliveries_status CHECK (status IN ('pending', 'delivered', 'failed'))
+);
+-- The relay's scan for due deliveries; only pending ones are in it.
+CREATE INDEX ix_webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+    WHERE status = 'pending';

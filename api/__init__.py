@@ -8,7 +8,7 @@ from flask import Flask
 from flask_smorest import Api
 from marshmallow import fields, validate
 
-from api import access, docs, gate
+from api import access, docs, gate, limits
 from api.errors import register_error_handlers
 from api.schemas import ErrorEnvelope
 
@@ -42,16 +42,25 @@ def create_app(runtime) -> Flask:
     api = PipelineApi(app, spec_kwargs={"extra_plugins": [docs.ErrorResponses(app)]})
     api.ma_plugin.converter.add_attribute_function(numeric_range)
     api.ma_plugin.converter.add_attribute_function(docs.runtime_values(runtime))
-    from api import files, health, jobs, metrics, provider_keys, seed, wallet
+    from api import console, files, health, jobs, metrics, provider_keys, providers, seed, wallet
+    from api.events import init_app as init_event_streams
 
     api.register_blueprint(jobs.blp)
     api.register_blueprint(wallet.blp)
     api.register_blueprint(provider_keys.blp)
+    api.register_blueprint(providers.blp)
+    api.register_blueprint(console.blp)
     api.register_blueprint(files.blp)
     api.register_blueprint(seed.blp)
     api.register_blueprint(health.blp)
+    from api import webhooks
+
+    api.register_blueprint(webhooks.blp)
     metrics.init_app(app, api)
+    init_event_streams(app, api)
     app.register_blueprint(docs.assets_blueprint())
+    # Before the gate: its hook counts a request the gate may then refuse (api/limits.py).
+    limits.install(app, runtime.settings)
     gate.install(app)
     access.install(app)
     register_error_handlers(app)

@@ -41,12 +41,25 @@ CODES: dict[str, tuple[int, str]] = {
     "PAYLOAD_TOO_LARGE": (413, "a body of 1 MiB or more"),
     "UNSUPPORTED_MEDIA_TYPE": (415, "a body that is not `application/json`"),
     "IDEMPOTENCY_KEY_REUSED": (422, "this `Idempotency-Key` came with another body"),
+    "RATE_LIMITED": (429, "this key or its company has used its requests for now "
+                          "(`details.scope`: `key` or `company`; `Retry-After` says when "
+                          "to retry)"),
     "INTERNAL_ERROR": (500, "a bug: the log has the traceback, the response never does"),
     "PROVIDER_UNAVAILABLE": (503, "every provider for this content type is cooling down"),
 }
 _BODY_CODES = ("VALIDATION_ERROR", "PAYLOAD_TOO_LARGE", "UNSUPPORTED_MEDIA_TYPE")
 # The gate refuses a NUL in any query parameter, so every operation can say 400.
 _ANYWHERE = ("VALIDATION_ERROR", "INTERNAL_ERROR")
+# What a 429 (RATE_LIMITED, api/limits.py) carries besides its envelope.
+RATE_LIMIT_HEADERS = {
+    name: {"description": description, "required": True, "schema": {"type": "integer"}}
+    for name, description in (
+        ("Retry-After", "Seconds to wait before retrying"),
+        ("RateLimit-Limit", "Requests allowed in the budget's window"),
+        ("RateLimit-Remaining", "Requests left in it (0 here)"),
+        ("RateLimit-Reset", "Seconds until the budget has room again"),
+    )
+}
 _BODY_METHODS = ("post", "put", "patch")
 
 METRICS_SECURITY = "metricsToken"
@@ -102,7 +115,13 @@ class ErrorResponses(BasePlugin):
                 codes.append("UNAUTHORIZED")
                 if self._admin_only(endpoint, method):
                     codes.append("FORBIDDEN")
+                if self._rate_limited():
+                    codes.append("RATE_LIMITED")
             self._document(operation, codes)
+
+    def _rate_limited(self) -> bool:
+        runtime = self.app.extensions.get("runtime")
+        return bool(getattr(getattr(runtime, "settings", None), "rate_limits_enabled", True))
 
     def _admin_only(self, endpoint: str, method: str) -> bool:
         view = self.app.view_functions.get(endpoint)
@@ -130,6 +149,8 @@ class ErrorResponses(BasePlugin):
             given = responses.get(status)
             if not isinstance(given, dict):
                 responses[status] = envelope_response(status_codes)
+                if status == "429":
+                    responses[status]["headers"] = RATE_LIMIT_HEADERS
                 continue
             given.setdefault("content", {"application/json": {"schema": ENVELOPE}})
             missing = [c for c in status_codes if c not in given.get("description", "")]

@@ -3,7 +3,9 @@
 In this order, so a caller without a key learns nothing from a validation message:
 
 1. Authentication (401) for every endpoint outside the public blueprints, then the
-   admin scope (403) for views marked `admin_only`.
+   admin scope (403) for views marked `admin_only`. The rate limits of the key and its
+   company (429, api/limits.py) are checked just before this gate, by flask-limiter's
+   own hook, once the key is known.
 2. The body of a POST, PUT or PATCH: at most MAX_BODY_BYTES (413, chunked bodies too),
    JSON (415 otherwise), valid UTF-8 and JSON, nested at most MAX_DEPTH deep, whole
    numbers within 64 bits, no NaN or infinities, and text that PostgreSQL and SQLite
@@ -32,8 +34,10 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 MAX_INTEGER = 2**63 - 1
 # Seen without a key: liveness, signed download links (the signature is the credential),
-# the OpenAPI document and its viewer (with its assets), and the metrics endpoint.
-PUBLIC_BLUEPRINTS = frozenset({"health", "files", "api-docs", "docs-assets", "metrics"})
+# the OpenAPI document and its viewer (with its assets), the metrics endpoint, and the
+# web console's static page (its key is typed into the page and sent to /v1 only).
+PUBLIC_BLUEPRINTS = frozenset({"health", "files", "api-docs", "docs-assets", "metrics",
+                               "console"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 

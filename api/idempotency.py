@@ -24,7 +24,9 @@ IDEMPOTENCY_KEY_DOC = {
     "in": "header",
     "name": idempotency.HEADER,
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
+    # Printable ASCII; spaces only inside, as HTTP drops them at either end.
+    "schema": {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH,
+               "pattern": "^[!-~]([ -~]*[!-~])?$"},
     "description": (
         "A unique key (a v4 UUID, say) that makes retrying this request safe for 24 hours: "
         "a retry with the same key and body gets the first response again, with the header "

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import uuid
 
-from flask import current_app, url_for
+from flask import current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from api import schemas
+from api import prefer, schemas
 from api.auth import current_principal
 from api.docs import errors
 from api.idempotency import IDEMPOTENCY_KEY_DOC, Respond, ViewResult, idempotent, on_job_created
 from pipeline import cancel as cancel_uc
 from pipeline import jobs as jobs_uc
-from pipeline import listing
+from pipeline import listing, netguard
 from pipeline.errors import NotFound
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs",
@@ -32,11 +32,31 @@ def submit(req: jobs_uc.JobRequest, respond: Respond) -> ViewResult:
     job = jobs_uc.submit_job(rt.engine, rt.registry, principal=current_principal(), req=req,
                              max_prompt_length=rt.settings.max_prompt_length,
                              routes=rt.settings.provider_env,
-                             on_created=on_job_created(respond))
+                             on_created=on_job_created(respond),
+                             webhook_guard=netguard.Guard(
+                                 allow_private=rt.settings.webhook_allow_private))
     queued = jobs_uc.dispatch(rt.engine, rt.publisher, job["id"],
                               rt.registry.queue_for(job["provider"]))
     job["status"] = "queued" if queued else "pending"
     return respond(job, queued)
+
+
+CANCEL_AFTER_DOC = {
+    "in": "header",
+    "name": cancel_uc.CANCEL_AFTER_HEADER,
+    "required": False,
+    "schema": {"type": "string",
+               "pattern": r"^\s*(\d+(\.\d+)?|(\d+(\.\d+)?h)?(\d+(\.\d+)?m)?(\d+(\.\d+)?s)?)\s*$"},
+    "description": (
+        "A deadline, as Replicate's: if the job is not done this long after it is accepted, "
+        "it is cancelled as `POST /v1/jobs/<id>/cancel` would (a job still waiting is "
+        "refunded in full; a generating one is stopped at its provider and refunded), "
+        "with `cancelledBy: deadline`. A number of seconds (`90`, `7.5`) or hours, "
+        "minutes and seconds in that order (`30s`, `5m`, `1h30m`, `1.5h`); between 5 "
+        "seconds and 24 hours. The sweeper checks deadlines every SWEEP_INTERVAL_SECONDS "
+        "(5 by default), so a job ends that much after its deadline at most. Anything else "
+        "is 400 VALIDATION_ERROR with `details.field` `Cancel-After`."),
+}
 
 
 def parse_job_id(value: str) -> uuid.UUID:
@@ -67,7 +87,9 @@ def _replay_location(replay) -> dict:
 class Jobs(MethodView):
     @blp.arguments(schemas.JobCreate)
     @blp.response(202, schemas.JobAccepted)
-    @blp.doc(parameters=[IDEMPOTENCY_KEY_DOC])
+    @blp.doc(parameters=[IDEMPOTENCY_KEY_DOC, CANCEL_AFTER_DOC, prefer.PREFER_DOC])
+    @blp.alt_response(200, schema=schemas.Job, description=(
+        "`Prefer: wait=N` and the job ended within N seconds: the job as GET shows it"))
     @blp.alt_response(400, schema=schemas.ErrorEnvelope, description="Invalid request")
     @blp.alt_response(401, schema=schemas.ErrorEnvelope, description="Missing or bad API key")
     @blp.alt_response(402, schema=schemas.ErrorEnvelope,
@@ -85,12 +107,18 @@ class Jobs(MethodView):
         poll and the estimated cost in credits, which is held on the wallet while the
         job runs; the actual cost (never above the estimate) is charged at the end.
         Send an `Idempotency-Key` header to make retries safe: see its description.
+        Send `Prefer: wait=N` to get the finished job in this response when it ends
+        within N seconds (at most 60): see its description.
         """
         req = jobs_uc.JobRequest(
             content_type=body["contentType"],
             prompt=body["prompt"],
             settings=body["settings"],
             provider=body.get("providerName") or body.get("provider"),
+            cancel_after=cancel_uc.parse_cancel_after(
+                request.headers.get(cancel_uc.CANCEL_AFTER_HEADER)),
+            webhook=body.get("webhook"),
+            webhook_events=body.get("webhookEvents"),
         )
 
         def accepted(job: dict, queued: bool):
@@ -98,8 +126,10 @@ class Jobs(MethodView):
                     "estimatedCost": str(job["estimated_cost"])}
             return view, 202, _location(view)
 
-        return idempotent("POST /v1/jobs", body, lambda: submit(req, accepted),
-                          replay_headers=_replay_location)
+        answer = idempotent("POST /v1/jobs", body, lambda: submit(req, accepted),
+                            replay_headers=_replay_location)
+        # After the answer is stored: a replay stays the create answer (api/prefer.py).
+        return prefer.apply_wait(answer)
 
     @blp.arguments(schemas.JobListQuery, location="query")
     @blp.response(200, schemas.JobList)

@@ -7,6 +7,8 @@ from datetime import UTC
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from pipeline.jobs import CONTENT_TYPES
+from pipeline.netguard import MAX_URL_LENGTH
+from pipeline.webhooks import EVENTS as WEBHOOK_EVENTS
 
 
 class JobCreate(Schema):
@@ -25,6 +27,18 @@ class JobCreate(Schema):
         "documents": "provider", "description": "Optional provider; chosen if absent"})
     provider = fields.String(load_default=None, allow_none=True, metadata={
         "documents": "provider", "description": "Alias of providerName"})
+    webhook = fields.String(load_default=None, allow_none=True, validate=validate.Length(
+        min=1, max=MAX_URL_LENGTH), metadata={"description": (
+            "An https:// (or http://) URL to POST the job's events to, signed the Standard "
+            "Webhooks way with the company's secret (`GET /v1/webhooks/secret`). Refused "
+            "(400, `details.field` `webhook`) with a user name or password in it, or when "
+            "its host resolves to a private, loopback, link-local or metadata address "
+            "(unless the operator allows them)")})
+    webhookEvents = fields.List(
+        fields.String(validate=validate.OneOf(WEBHOOK_EVENTS)), load_default=None,
+        allow_none=True, validate=validate.Length(min=1, max=len(WEBHOOK_EVENTS)),
+        metadata={"description": "Which events to send: any of " + ", ".join(WEBHOOK_EVENTS)
+                                 + "; all of them when absent. Needs `webhook`"})
 
 
 class JobAccepted(Schema):
@@ -71,6 +85,14 @@ class Job(Schema):
         "description": "For a pending or queued job, its place (1 = next) among the jobs "
                        "of every company waiting for the same provider queue; at most "
                        "10000 (meaning that far back or further); null otherwise"})
+    cancelAfter = fields.String(allow_none=True, metadata={
+        "description": "The job's deadline from the `Cancel-After` header: a job not done "
+                       "by then is cancelled and refunded; null without one"})
+    cancelledBy = fields.String(allow_none=True, metadata={
+        "description": "Who cancelled the job: `API key <id>`, or `deadline` for its "
+                       "`Cancel-After`; null unless cancelled"})
+    cancelledAt = fields.String(allow_none=True, metadata={
+        "description": "When the job was cancelled; null unless cancelled"})
 
 
 class JobList(Schema):
@@ -86,7 +108,8 @@ class StatusList(fields.List):
     """Statuses repeated (`status=a&status=b`), comma-separated (`status=a,b`) or both."""
 
     def __init__(self, **kwargs):
-        super().__init__(fields.String(), **kwargs)
+        # Documented one status per value; a comma-separated value is accepted as well.
+        super().__init__(fields.String(metadata={"enum": list(JOB_STATUSES)}), **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         values = value if isinstance(value, list | tuple) else [value]

@@ -181,7 +181,9 @@ def generate():
             content_type=body.get("contentType"),
             prompt=body.get("prompt"),
             settings=settings if settings is not None else {},
-            provider=body.get("providerName") or body.get("provider"),
+            # Absent or null only: a value of another type (0, false) is refused as such.
+            provider=body.get("providerName") if body.get("providerName") is not None
+            else body.get("provider"),
             source="api.generate",
         ), lambda job, _queued: ({"jobId": str(job["id"]), "status": "accepted",
                                   "estimatedCost": _number(str(job["estimated_cost"]))},

@@ -11,7 +11,7 @@ from marshmallow import Schema, fields, validate
 from api.auth import current_principal, require_admin
 from api.gate import admin_only
 from api.jobs import runtime
-from pipeline import budgets
+from pipeline import budgets, spend
 from pipeline import wallets as wallets_uc
 from pipeline.ledger import MAX_AMOUNT
 from pipeline.tables import TRANSACTION_TYPES
@@ -160,3 +160,43 @@ class Budgets(MethodView):
                            cap=body["cap"], scope=body["scope"], subject=body["subject"])
         with runtime().engine.connect() as conn:
             return budgets.summaries(conn, principal.company_id)
+
+
+class SpendQuery(Schema):
+    days = fields.Integer(load_default=30, validate=validate.Range(1, spend.MAX_DAYS), metadata={
+        "description": "How many UTC days back, today included"})
+
+
+class SpendEntry(Schema):
+    day = fields.String(metadata={"description": "A UTC calendar day, YYYY-MM-DD"})
+    provider = fields.String()
+    contentType = fields.String()
+    cost = fields.String(metadata={"description": "Credits charged that day, exact decimal"})
+
+
+class SpendSchema(Schema):
+    # "from" is a Python keyword: declared under another name, shown as `from`.
+    from_ = fields.String(data_key="from", metadata={"description": "The first day shown"})
+    to = fields.String(metadata={"description": "The last day shown (today, UTC)"})
+    days = fields.Integer()
+    total = fields.String(metadata={"description": "Credits charged in the window"})
+    entries = fields.List(fields.Nested(SpendEntry), metadata={
+        "description": "One per day, provider and content type charged anything, oldest "
+                       "first; days without spend are left out"})
+
+
+@blp.route("/spend")
+class Spend(MethodView):
+    @blp.arguments(SpendQuery, location="query")
+    @blp.response(200, SpendSchema)
+    def get(self, query):
+        """Credits charged per UTC day, by provider and content type.
+
+        Read from the usage row each finished job writes with its charge, so failed and
+        cancelled jobs count as nothing. What the console's spend chart draws.
+        """
+        with runtime().engine.connect() as conn:
+            result = spend.spend_per_day(conn, current_principal().company_id,
+                                         days=query["days"])
+        result["from_"] = result.pop("from")
+        return result

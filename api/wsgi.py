@@ -16,8 +16,9 @@ def create():
 
     try:
         settings = Settings.from_env()
-    except ConfigError as exc:
+        configure_logging(settings, service="api")
+        runtime = build_runtime(settings, publisher=CeleryPublisher(create_celery(settings)))
+    except ConfigError as exc:  # a setting only the runtime checks (EVENTS_URL) included
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(4)  # gunicorn's APP_LOAD_ERROR: the master stops rather than respawning
-    configure_logging(settings, service="api")
-    return create_app(build_runtime(settings, publisher=CeleryPublisher(create_celery(settings))))
+    return create_app(runtime)

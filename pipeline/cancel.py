@@ -13,24 +13,40 @@ a job can be cancelled only while no output exists. Once the provider's result i
 the job is finishing and a cancel is refused (409), so a billable output is never thrown
 away for free, nor charged for after a cancel.
 
-Who cancelled and when is kept in the job's `error_code` (`CANCELLED`) and `error`
-("Cancelled by API key <id> at <time>."), which `GET /v1/jobs/<id>` shows as
-`error: {code, message}`; there are no dedicated columns for them yet.
+Who cancelled and when is kept in `cancelled_by` ("API key <id>", or "deadline" for a
+job past its Cancel-After) and `cancelled_at`, and repeated in the job's `error_code`
+(`CANCELLED`) and `error` ("Cancelled by API key <id> at <time>."), which
+`GET /v1/jobs/<id>` shows as `error: {code, message}`.
+
+A client's deadline (the `Cancel-After` header, parsed here) is the same cancel, asked
+for by the sweeper (pipeline/sweeper.py, cancel_overdue) with `by=DEADLINE`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from datetime import timedelta
 
 from sqlalchemy import update
 
 from pipeline import jobevents, ledger, logcontext, telemetry, usage
 from pipeline.db import iso_utc, utcnow
-from pipeline.errors import Conflict
+from pipeline.errors import Conflict, ValidationFailed
 from pipeline.jobs import get_job
 from pipeline.tables import TERMINAL_STATUSES, jobs
 
 CODE = "CANCELLED"
+DEADLINE = "deadline"  # cancelled_by of a job cancelled at its Cancel-After
+
+# Cancel-After: plain seconds ("90", "2.5") or hours, minutes and seconds in that order,
+# each optional, decimals allowed ("1h30m", "5m", "45s", "1.5h"): Replicate's notation.
+CANCEL_AFTER_HEADER = "Cancel-After"
+MIN_CANCEL_AFTER = timedelta(seconds=5)  # below the sweeper's pace it would mean nothing
+MAX_CANCEL_AFTER = timedelta(hours=24)
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_DURATION = re.compile(rf"(?:{_NUMBER}h)?(?:{_NUMBER}m)?(?:{_NUMBER}s)?")
+_SECONDS = re.compile(_NUMBER)
 
 log = logging.getLogger("pipeline.cancel")
 
@@ -41,11 +57,48 @@ class JobAlreadyFinished(Conflict):
     code = "JOB_ALREADY_FINISHED"
 
 
+def parse_cancel_after(text: str | None) -> timedelta | None:
+    """The Cancel-After header as a duration (None without one); ValidationFailed naming
+    the header when it is not a duration between MIN_CANCEL_AFTER and MAX_CANCEL_AFTER."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    seconds = _SECONDS.fullmatch(value)
+    parts = None if seconds else _DURATION.fullmatch(value)
+    if seconds:
+        total = float(seconds.group(1))
+    elif parts and value:
+        hours, minutes, secs = (float(part or 0) for part in parts.groups())
+        total = hours * 3600 + minutes * 60 + secs
+    else:
+        raise ValidationFailed(
+            f"{CANCEL_AFTER_HEADER} must be a duration such as 30s, 5m, 1h30m or a number "
+            "of seconds.", details={"field": CANCEL_AFTER_HEADER})
+    # Compared as seconds first: a huge number would overflow a timedelta.
+    if not _seconds(MIN_CANCEL_AFTER) <= total <= _seconds(MAX_CANCEL_AFTER):
+        raise ValidationFailed(
+            f"{CANCEL_AFTER_HEADER} must be between {_seconds(MIN_CANCEL_AFTER)} seconds "
+            f"and {_seconds(MAX_CANCEL_AFTER)} seconds.",
+            details={"field": CANCEL_AFTER_HEADER, "min": _seconds(MIN_CANCEL_AFTER),
+                     "max": _seconds(MAX_CANCEL_AFTER)})
+    return timedelta(seconds=total)
+
+
+def _seconds(duration: timedelta) -> int:
+    return int(duration.total_seconds())
+
+
+def _reason(by: str, now) -> str:
+    if by == DEADLINE:
+        return f"Cancelled at its {CANCEL_AFTER_HEADER} deadline, {iso_utc(now)}."
+    return f"Cancelled by {by} at {iso_utc(now)}."
+
+
 def cancel_job(engine, job_id, company_id, *, by: str):
     """Cancel the company's job and refund its hold; the job's row as it ends.
 
-    `by` names who asked ("API key <id>"). Raises NotFound for another company's job (or
-    none) and JobAlreadyFinished when the job is terminal or its output exists.
+    `by` names who asked ("API key <id>", or DEADLINE). Raises NotFound for another
+    company's job (or none) and JobAlreadyFinished when the job is terminal or its output exists.
     """
     now = utcnow()
     with engine.begin() as conn:
@@ -55,7 +108,7 @@ def cancel_job(engine, job_id, company_id, *, by: str):
             .where(jobs.c.id == job_id, jobs.c.company_id == company_id,
                    jobs.c.status.not_in(TERMINAL_STATUSES), jobs.c.output_key.is_(None))
             .values(status="cancelled", error_code=CODE,
-                    error=f"Cancelled by {by} at {iso_utc(now)}.", cancelled_by=by,
+                    error=_reason(by, now), cancelled_by=by,
                     cancelled_at=now, completed_at=now, updated_at=now, wake_at=None)
             .returning(*jobs.c)
         ).first()

@@ -206,6 +206,33 @@ class Settings:
     # the workers about a sixth of their throughput (README, Flower); a running Flower
     # turns them on in the workers it watches anyway.
     task_events: bool = False
+    # API rate limits (api/limits.py), in the `limits` notation ("600/minute", several
+    # joined by commas): one budget per API key, one per company shared by its keys, and
+    # per-company replacements for the latter (company id -> limit). The storage is
+    # RATE_LIMIT_STORAGE_URL, else memory in the embedded mode, else the broker's Redis.
+    rate_limits_enabled: bool = True
+    rate_limit_per_key: str = "600/minute"
+    rate_limit_per_company: str = "3000/minute"
+    rate_limit_storage_url: str = field(default="", repr=False)
+    rate_limit_company_overrides: dict[str, str] = field(default_factory=dict)
+    # Live job events (SSE streams, `Prefer: wait`; service/announce.py): EVENTS_URL picks
+    # how processes wake the API's listeners ("" = the broker's Redis, else PostgreSQL
+    # LISTEN/NOTIFY, else a database poll every events_poll_seconds; or a redis:// URL,
+    # "postgresql" or "poll"). A stream sends a comment every events_keepalive_seconds.
+    events_url: str = field(default="", repr=False)
+    events_keepalive_seconds: float = 15.0
+    events_poll_seconds: float = 1.0
+    # Webhooks (pipeline/webhooks.py). WEBHOOK_ALLOW_PRIVATE=1 lets webhooks reach
+    # private, loopback and link-local addresses (an operator's own network; tests);
+    # retries wait these many seconds in turn (WEBHOOK_RETRY_SCHEDULE, comma-separated:
+    # 30 s, 2 m, 10 m, 1 h, 3 h, 6 h, 12 h, about 22 h in all), then the delivery fails;
+    # each connect and read waits at most webhook_timeout_seconds; a rotated secret keeps
+    # signing for webhook_secret_grace_seconds; beat relays due deliveries this often.
+    webhook_allow_private: bool = False
+    webhook_retry_schedule: tuple[float, ...] = (30, 120, 600, 3600, 10800, 21600, 43200)
+    webhook_timeout_seconds: float = 10.0
+    webhook_secret_grace_seconds: float = 86400.0
+    webhook_relay_seconds: float = 2.0
     provider_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -261,6 +288,24 @@ class Settings:
             "metrics_dir": Path(env["METRICS_DIR"]).resolve() if env.get("METRICS_DIR")
             else data_dir / "metrics",
             "task_events": env.get("TASK_EVENTS", "").strip().lower() in ("1", "true", "yes"),
+            "rate_limits_enabled": env.get("RATE_LIMITS_ENABLED", "").strip().lower()
+            not in ("0", "false", "no", "off"),
+            "rate_limit_per_key": env.get("RATE_LIMIT_PER_KEY", "").strip() or "600/minute",
+            "rate_limit_per_company": env.get("RATE_LIMIT_PER_COMPANY", "").strip()
+            or "3000/minute",
+            "rate_limit_storage_url": env.get("RATE_LIMIT_STORAGE_URL", "").strip(),
+            "rate_limit_company_overrides": company_overrides(
+                env.get("RATE_LIMIT_COMPANY_OVERRIDES", "")),
+            "events_url": env.get("EVENTS_URL", "").strip(),
+            "events_keepalive_seconds": number("EVENTS_KEEPALIVE_SECONDS", 15.0, float),
+            "events_poll_seconds": number("EVENTS_POLL_SECONDS", 1.0, float),
+            "webhook_allow_private": env.get("WEBHOOK_ALLOW_PRIVATE", "").strip().lower()
+            in ("1", "true", "yes"),
+            "webhook_retry_schedule": retry_schedule(env.get("WEBHOOK_RETRY_SCHEDULE", "")),
+            "webhook_timeout_seconds": number("WEBHOOK_TIMEOUT_SECONDS", 10.0, float),
+            "webhook_secret_grace_seconds": number("WEBHOOK_SECRET_GRACE_SECONDS", 86400.0,
+                                                   float),
+            "webhook_relay_seconds": number("WEBHOOK_RELAY_SECONDS", 2.0, float),
             "provider_env": {
                 k: v
                 for k, v in env.items()
@@ -272,6 +317,36 @@ class Settings:
         if not {"secret_key", "provider_key_secrets"} <= overrides.keys():
             values = {**_secrets(env, values["database_url"], data_dir), **values}
         return cls(**values)
+
+
+def company_overrides(text: str) -> dict[str, str]:
+    """RATE_LIMIT_COMPANY_OVERRIDES: `<company id>=<limit>` entries separated by `;`.
+
+    A company's limit may itself be several, comma-separated ("5/second,100/minute"); the
+    API checks that each parses when it starts."""
+    overrides: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        company, sep, limit = (piece.strip() for piece in entry.partition("="))
+        if not sep or not company or not limit:
+            raise ConfigError(
+                f"RATE_LIMIT_COMPANY_OVERRIDES entry {entry!r} is not <company id>=<limit>, "
+                "as in 5d7c...=100/minute;9a1b...=10/second,500/hour")
+        overrides[company.lower()] = limit
+    return overrides
+
+
+def retry_schedule(text: str) -> tuple[float, ...]:
+    """WEBHOOK_RETRY_SCHEDULE: seconds before each retry, comma-separated ("" = default)."""
+    if not text.strip():
+        return Settings.webhook_retry_schedule
+    try:
+        waits = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        waits = ()
+    if not waits or any(not 0 <= w < 10**7 for w in waits):
+        raise ConfigError(f"WEBHOOK_RETRY_SCHEDULE {text!r} is not a comma-separated list of "
+                          "seconds, as in 30,120,600,3600")
+    return waits
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -15,12 +15,13 @@ Two halves, as the telemetry port has:
 Events, in the order a job passes them: queued, processing, progress (repeated),
 then one of completed, failed, cancelled. A job's status only moves forward
 (pending -> queued -> processing -> terminal), which is what lets a stream resume from an
-event id without a stored history (api/events.py).
+event id without a stored history (`EventId`, `passed`; the stream is api/events.py).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger("pipeline.jobevents")
 
@@ -63,3 +64,50 @@ def announce(job_id, event: str) -> None:
         _announcer.job_changed(job_id, event)
     except Exception:
         log.exception("announcing %s of job %s failed", event, job_id)
+
+
+# Event ids, ordered as a job passes its events, so a client's Last-Event-ID says what it
+# has seen without a stored history: queued "1", processing "2", progress "3.<permille>"
+# (0 to 1000, so a later progress has a larger id), the terminal event "9".
+_STAGES = {"queued": 1, "processing": 2, "progress": 3,
+           **dict.fromkeys(TERMINAL_EVENTS, 9)}
+
+
+@dataclass(frozen=True, order=True)
+class EventId:
+    stage: int
+    permille: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.stage}.{self.permille}" if self.stage == _STAGES["progress"] else str(
+            self.stage)
+
+    @classmethod
+    def parse(cls, text: str | None) -> EventId | None:
+        """An id this module wrote; None for anything else (the client then gets all)."""
+        stage, dot, permille = (text or "").strip().partition(".")
+        if not (stage + permille).isascii() or not stage.isdigit():
+            return None
+        if int(stage) not in _STAGES.values():
+            return None
+        if int(stage) != _STAGES["progress"]:
+            return None if dot else cls(int(stage))
+        if not permille.isdigit() or int(permille) > 1000:
+            return None
+        return cls(int(stage), int(permille))
+
+
+def passed(job) -> list[tuple[EventId, str]]:
+    """The events a job (its row) has passed, in order, read from its timestamps, progress
+    and status: what a stream replays to a client that connects late."""
+    events = []
+    if job.queued_at is not None:
+        events.append((EventId(_STAGES["queued"]), "queued"))
+    if job.started_at is not None:
+        events.append((EventId(_STAGES["processing"]), "processing"))
+    if job.progress is not None:
+        permille = round(max(0.0, min(1.0, float(job.progress))) * 1000)
+        events.append((EventId(_STAGES["progress"], permille), "progress"))
+    if job.status in TERMINAL_EVENTS:
+        events.append((EventId(_STAGES[job.status]), job.status))
+    return events

@@ -6,11 +6,12 @@ import logging
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 from sqlalchemy import Connection, and_, select, update
 
-from pipeline import budgets, jobevents, ledger, routing, telemetry
+from pipeline import budgets, jobevents, ledger, netguard, routing, telemetry, webhooks
 from pipeline.db import iso_utc, new_id, utcnow
 from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
 from pipeline.pricing import PriceTable
@@ -38,6 +39,11 @@ class JobRequest:
     settings: dict
     provider: str | None = None
     source: str = "v1"
+    # Cancel-After: the job is cancelled (the sweeper's deadline pass) if not done by then.
+    cancel_after: timedelta | None = None
+    # Where the job's events are sent (pipeline/webhooks.py), and which (None: all).
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] | None = None
 
 
 def validate_request(req: JobRequest, max_prompt_length: int) -> None:
@@ -71,7 +77,8 @@ def visible(text: str) -> bool:
 
 def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
                max_prompt_length: int, routes: dict[str, str] | None = None,
-               on_created: Callable[[Connection, dict], None] | None = None) -> dict:
+               on_created: Callable[[Connection, dict], None] | None = None,
+               webhook_guard: netguard.Guard | None = None) -> dict:
     """Validate, route, price and write the job and its dispatch record in one transaction.
 
     `routes` is the provider order per content type (settings.provider_env's ROUTE_*).
@@ -81,8 +88,13 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
     Refuses at once (InsufficientCredits) when the wallet plainly cannot cover the
     estimate; the binding hold is taken later by the chain's reserve step. Publishing
     is the caller's job, after this commit.
+
+    `webhook_guard` decides which webhook addresses may be called (the default refuses
+    private ones: WEBHOOK_ALLOW_PRIVATE is the caller's to pass).
     """
     validate_request(req, max_prompt_length)
+    webhooks.validate_subscription(req.webhook, req.webhook_events,
+                                   webhook_guard or netguard.Guard())
     with engine.connect() as conn:
         provider = routing.choose(conn, registry, routes or {}, principal.company_id,
                                   content_type=req.content_type, requested=req.provider)
@@ -108,6 +120,9 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
             "settings": req.settings,
             "estimated_cost": estimate,
             "provider_pinned": bool(req.provider),
+            "cancel_after": utcnow() + req.cancel_after if req.cancel_after else None,
+            "webhook_url": req.webhook,
+            "webhook_events": webhooks.subscribed_events(req.webhook_events),
         }
         conn.execute(jobs.insert().values(**row))
         conn.execute(
@@ -217,6 +232,9 @@ def job_view(job, storage, link_ttl: int, queue_position: int | None = None) -> 
         "preview": job.preview,
         "error": error,
         "queuePosition": queue_position,
+        "cancelAfter": iso_utc(job.cancel_after),
+        "cancelledBy": job.cancelled_by,
+        "cancelledAt": iso_utc(job.cancelled_at),
     }
 
 

@@ -15,6 +15,10 @@ waits on the broker. So:
   compare-and-sets (the job's status, the hold's `open`), with unique ledger keys
   behind them: of two sweepers racing on a job, the loser changes and counts nothing.
 
+- The deadline sweep cancels jobs past their Cancel-After through the client's own
+  cancel use case, whose compare-and-set on the job decides against a racing sweeper,
+  client cancel or finish.
+
 Every sweep is bounded by `batch` and returns how many jobs it acted on.
 """
 
@@ -25,13 +29,13 @@ from collections import Counter
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select, text, update
 
-from pipeline import idempotency, jobevents, ledger, lifecycle, telemetry
+from pipeline import cancel, idempotency, jobevents, ledger, lifecycle, telemetry
 from pipeline import jobs as jobs_uc
 from pipeline.db import utcnow
 from pipeline.pricing import PriceTable
-from pipeline.tables import TERMINAL_STATUSES, credit_holds, job_dispatches, jobs
+from pipeline.tables import DEADLINED, TERMINAL_STATUSES, credit_holds, job_dispatches, jobs
 
 log = logging.getLogger("pipeline.sweeper")
 
@@ -251,6 +255,37 @@ def close_leftover_holds(engine, *, batch: int = 100) -> int:
     return closed.total()
 
 
+def overdue_jobs(now: datetime, batch: int):
+    """The live jobs whose Cancel-After passed, earliest first: through ix_jobs_cancel_after,
+    whose predicate (DEADLINED) the query repeats word for word so the planner can use
+    it. Jobs whose output is stored are finishing and cannot be cancelled: left out."""
+    return (select(jobs.c.id, jobs.c.company_id)
+            .where(text(DEADLINED), jobs.c.cancel_after < now, jobs.c.output_key.is_(None))
+            .order_by(jobs.c.cancel_after)
+            .limit(batch))
+
+
+def cancel_overdue(engine, *, batch: int = 100) -> int:
+    """Cancel live jobs past their Cancel-After deadline, as a client's cancel would.
+
+    A queued job ends and is refunded in full; a generating one ends too, and its
+    generate step stops the provider's work when it next sees the job cancelled
+    (pipeline/cancel.py). A job that ended meanwhile is left as it is.
+    """
+    with engine.connect() as conn:
+        overdue = conn.execute(overdue_jobs(utcnow(), batch)).all()
+    cancelled = 0
+    for job in overdue:
+        try:
+            cancel.cancel_job(engine, job.id, job.company_id, by=cancel.DEADLINE)
+        except cancel.JobAlreadyFinished:
+            continue  # finished, or another sweeper or the client got there first
+        cancelled += 1
+    if cancelled:
+        log.info("deadlines: cancelled %d jobs past their Cancel-After", cancelled)
+    return cancelled
+
+
 class SweepFailed(Exception):
     """One or more sweeps raised (each is logged with its traceback); the others ran."""
 
@@ -274,6 +309,7 @@ def sweep(runtime, *, batch: int = 100) -> dict[str, int]:
             requeue_seconds=settings.requeue_after_seconds, batch=batch),
         "expired": lambda: expire_holds(engine, batch=batch),
         "holds_closed": lambda: close_leftover_holds(engine, batch=batch),
+        "deadlines_cancelled": lambda: cancel_overdue(engine, batch=batch),
         "idempotency_keys_purged": lambda: idempotency.purge_expired(engine, batch=1000),
     }
     counts: dict[str, int] = {}

@@ -428,3 +428,49 @@ provider_circuits = Table(
     _ts("opened_until"),
     _ts("updated_at", required=True),
 )
+
+# Revision 0006: signed webhooks (pipeline/webhooks.py).
+WEBHOOK_PENDING = "status = 'pending'"
+
+# Each company's signing secrets as Fernet ciphertext: the current one, and the previous
+# one until previous_expires_at (a rotation's grace period, when both sign).
+webhook_secrets = Table(
+    "webhook_secrets",
+    metadata,
+    Column("company_id", Uuid, ForeignKey("companies.id"), primary_key=True),
+    Column("secret_data", Text, nullable=False),
+    Column("previous_data", Text),
+    _ts("previous_expires_at"),
+    _now(),
+    _ts("rotated_at"),
+)
+
+# One row per job event to send: written with the job's change (an outbox), then the
+# delivery's log (attempts, last answer). `sequence` is the progress step (0 otherwise):
+# the unique key is what keeps a job to one webhook per event and per tenth of progress.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Uuid, primary_key=True),  # the webhook-id header is msg_<its hex>
+    Column("job_id", Uuid, ForeignKey("jobs.id"), nullable=False),
+    Column("company_id", Uuid, ForeignKey("companies.id"), nullable=False),
+    Column("event", Text, nullable=False),
+    Column("sequence", Integer, nullable=False, server_default=text("0")),
+    Column("url", Text, nullable=False),
+    Column("payload", Json),  # the body of the latest attempt
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    _ts("next_attempt_at"),
+    Column("claim_token", Text),  # the relay's claim on the attempt in flight
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    _now(),
+    _ts("updated_at", required=True),
+    _ts("last_attempt_at"),
+    _ts("delivered_at"),
+    UniqueConstraint("job_id", "event", "sequence", name="uq_webhook_deliveries_job_event"),
+    CheckConstraint("status IN ('pending', 'delivered', 'failed')",
+                    name="ck_webhook_deliveries_status"),
+    Index("ix_webhook_deliveries_due", "next_attempt_at",
+          postgresql_where=text(WEBHOOK_PENDING), sqlite_where=text(WEBHOOK_PENDING)),
+)

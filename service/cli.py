@@ -162,16 +162,26 @@ def cmd_budget_set(args, settings):
 
 
 def cmd_keys_rotate(args, settings):
+    from cryptography.fernet import InvalidToken
+
+    from pipeline import webhook_secrets
     from pipeline.provider_keys import ProviderKeyUnreadable, cipher, rotate
 
     secrets = settings.provider_key_secrets
+    engine = _runtime(settings).engine
     try:
-        count = rotate(_runtime(settings).engine, cipher(secrets))
+        count = rotate(engine, cipher(secrets))
     except ProviderKeyUnreadable as exc:
         sys.exit(f"rotation aborted, nothing changed: {exc.message} ({exc.details})")
-    _emit(args, {"rotated": count, "secrets": len(secrets)}, [
-        f"re-encrypted {count} provider keys with the newest of {len(secrets)} "
-        "PROVIDER_KEY_SECRETS entries; older entries can now be removed",
+    # The webhook signing secrets are sealed with the same keys.
+    try:
+        signing = webhook_secrets.reencrypt(engine, cipher(secrets))
+    except InvalidToken:
+        sys.exit(f"provider keys re-encrypted ({count}); webhook secrets aborted, nothing "
+                 "of them changed: a stored secret no PROVIDER_KEY_SECRETS entry decrypts")
+    _emit(args, {"rotated": count, "webhookSecrets": signing, "secrets": len(secrets)}, [
+        f"re-encrypted {count} provider keys and {signing} webhook secrets with the newest "
+        f"of {len(secrets)} PROVIDER_KEY_SECRETS entries; older entries can now be removed",
     ])
 
 

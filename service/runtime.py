@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine
 
+from pipeline import jobevents
 from pipeline.config import Settings
 from pipeline.db import make_engine
 from pipeline.storage import Storage, open_storage
@@ -35,11 +36,15 @@ class Runtime:
 def build_runtime(settings: Settings, *, publisher: Publisher | None = None,
                   registry=None, storage: Storage | None = None) -> Runtime:
     from providers.registry import build_registry
+    from service import announce
 
-    return Runtime(
+    runtime = Runtime(
         settings=settings,
         engine=make_engine(settings.database_url),
         storage=storage or open_storage(settings),
         registry=registry or build_registry(settings),
         publisher=publisher,
     )
+    # The job changes this process makes wake the API's live listeners (SSE, Prefer: wait).
+    jobevents.install(announce.announcer_for(settings, runtime.engine))
+    return runtime

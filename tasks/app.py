@@ -79,6 +79,10 @@ def create_celery(settings: Settings) -> Celery:
         "prune": {"task": names.PRUNE, "schedule": settings.prune_interval_seconds,
                   "options": {"queue": names.MAINTENANCE_QUEUE,
                               "expires": settings.prune_interval_seconds}},
+        # Due webhook deliveries (the outbox in webhook_deliveries) go out this often.
+        "webhooks": {"task": names.WEBHOOK_RELAY, "schedule": settings.webhook_relay_seconds,
+                     "options": {"queue": names.MAINTENANCE_QUEUE,
+                                 "expires": max(10.0, 5 * settings.webhook_relay_seconds)}},
     }
     # Beat keeps its last-run times here; the folder may not exist on a fresh machine.
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,9 @@ def create_celery(settings: Settings) -> Celery:
     sweeps.register(app)
     metrics.connect()
     housekeeping.register(app)
+    from tasks import webhooks
+
+    webhooks.register(app)
     return app
 
 

@@ -10,6 +10,8 @@ FAIL_AND_REFUND = "pipeline.fail_and_refund"
 SWEEP = "pipeline.sweep"
 LEDGER_AUDIT = "pipeline.ledger_audit"
 PRUNE = "pipeline.prune"
+WEBHOOK_RELAY = "pipeline.webhook_relay"
+WEBHOOK_DELIVER = "pipeline.webhook_deliver"
 
 PIPELINE_QUEUE = "pipeline"
 LOCAL_QUEUE = "local"

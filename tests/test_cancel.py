@@ -70,8 +70,11 @@ def _assert_cancelled(view, key_id=None):
     assert view["error"]["code"] == "CANCELLED"
     assert view["error"]["message"].startswith("Cancelled by API key ")
     assert view["completedAt"] is not None
+    assert view["cancelledBy"].startswith("API key ")
+    assert view["cancelledAt"] == view["completedAt"]
     if key_id is not None:
         assert str(key_id) in view["error"]["message"]
+        assert view["cancelledBy"] == f"API key {key_id}"
 
 
 @pytest.mark.postgres

@@ -3,6 +3,7 @@ database, and `pipeline run` stopping what it started."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -159,3 +160,36 @@ def test_pipeline_run_stops_its_worker_and_beat_on_sigterm(tmp_path):
         for pgid in groups:
             if _group(pgid):
                 os.killpg(pgid, signal.SIGKILL)
+
+
+def test_keys_rotate_reencrypts_webhook_secrets_too(tmp_path):
+    from pipeline import webhook_secrets
+    from pipeline.provider_keys import cipher
+    from service.runtime import build_runtime
+
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    data = tmp_path / "var"
+    env = embedded_env(PIPELINE_DATA_DIR=str(data), PROVIDER_KEY_SECRETS=old)
+    made = pipeline("company", "create", "Acme", "--credits", "5", "--json",
+                    cwd=tmp_path, env=env)
+    assert made.returncode == 0, made.stderr
+    company_id = uuid.UUID(json.loads(made.stdout)["companyId"])
+    rt = build_runtime(Settings.from_env(environ=env))
+    try:
+        with rt.engine.begin() as conn:
+            before = webhook_secrets.current(conn, cipher((old,)), company_id).current
+    finally:
+        rt.engine.dispose()
+
+    rotated = pipeline("keys", "rotate", "--json", cwd=tmp_path,
+                       env={**env, "PROVIDER_KEY_SECRETS": f"{new},{old}"})
+    assert rotated.returncode == 0, rotated.stderr
+    assert '"webhookSecrets": 1' in rotated.stdout
+
+    # The old key can go: the secret reads with the new one alone, unchanged.
+    rt = build_runtime(Settings.from_env(environ={**env, "PROVIDER_KEY_SECRETS": new}))
+    try:
+        with rt.engine.begin() as conn:
+            assert webhook_secrets.current(conn, cipher((new,)), company_id).current == before
+    finally:
+        rt.engine.dispose()

@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 from werkzeug.serving import make_server
 
 from api import create_app
+from api.schemas import JobCreate
 from pipeline import idempotency
 from pipeline.tables import idempotency_keys
 from tests.builders import auth, count_jobs, make_company
@@ -221,7 +222,7 @@ def test_a_lapsed_lease_is_taken_over_and_the_job_made_once(client, company, run
     # commit: nothing was made, and the lease has run out.
     engine, cid, key = runtime.engine, company.company_id, str(uuid.uuid4())
     lost = idempotency.begin(engine, cid, key, idempotency.request_hash(
-        {"endpoint": "POST /v1/jobs", "body": {**KITE, "providerName": None, "provider": None}}),
+        {"endpoint": "POST /v1/jobs", "body": JobCreate().load(KITE)}),  # as the view parses it
         lease_seconds=0)
     assert isinstance(lost, idempotency.Claim)
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, text, update
 
 from api import create_app
-from pipeline import tables
+from pipeline import listing, tables
 from tests.builders import auth, make_company
 from tests.conftest import _scratch_database, distributed_env, runtime_for
 
@@ -227,3 +227,67 @@ def test_waiting_jobs_show_their_place_in_the_queue(backends, name):
         key = backend.a.api_key if m in backend.made else backend.b.api_key
         one = backend.client.get(f"/v1/jobs/{m.id}", headers=auth(key)).get_json()
         assert one["queuePosition"] == expected.get(m.id)
+
+
+class _Statements:
+    """The SQL a block sends (PostgreSQL's driver-level text and parameters), to EXPLAIN."""
+
+    def __init__(self, engine):
+        self.engine, self.sent = engine, []
+
+    def _record(self, _conn, _cursor, statement, parameters, _context, _many):
+        self.sent.append((statement, parameters))
+
+    def __enter__(self):
+        event.listen(self.engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc):
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+
+def _plans(conn, sent) -> list[str]:
+    return ["\n".join(conn.exec_driver_sql("EXPLAIN " + statement, parameters).scalars())
+            for statement, parameters in sent]
+
+
+@pytest.mark.postgres
+def test_the_status_filter_and_queue_positions_read_their_indexes(empty_pg_database, tmp_path):
+    """20,000 jobs of 20 companies, analysed: the list filtered by status goes through
+    ix_jobs_company_status_created, and queue positions through the partial ix_jobs_waiting."""
+    rt = runtime_for(distributed_env(tmp_path, empty_pg_database, "unused:",
+                                     storage_url=f"file://{tmp_path}/store"))
+    try:
+        companies = [make_company(rt.engine, credits=1, name=f"c{n}") for n in range(20)]
+        with rt.engine.begin() as conn:
+            for company in companies:
+                conn.execute(text("""
+                    INSERT INTO jobs (id, company_id, provider, content_type, status, prompt,
+                                      estimated_cost, updated_at, created_at)
+                    SELECT gen_random_uuid(), :company, 'local', 'image',
+                           CASE WHEN g % 100 = 0 THEN 'queued'
+                                WHEN g % 50 = 0 THEN 'failed' ELSE 'completed' END,
+                           'p', 0, now(), now() - g * interval '1 second'
+                    FROM generate_series(1, 1000) AS g"""), {"company": company.company_id})
+            conn.execute(text("ANALYZE jobs"))
+        ours = companies[7].company_id
+        with rt.engine.connect() as conn, _Statements(rt.engine) as listed:
+            rows, _ = listing.list_jobs(conn, ours, limit=5,
+                                        filters=listing.JobFilter(statuses=("failed",)))
+        assert len(rows) == 5
+        assert {r.status for r in rows} == {"failed"}
+        with rt.engine.connect() as conn, _Statements(rt.engine) as placed:
+            queued, _ = listing.list_jobs(conn, ours, limit=5,
+                                          filters=listing.JobFilter(statuses=("queued",)))
+            positions = listing.queue_positions(conn, queued)
+            single = listing.queue_position(conn, queued[-1])
+        assert len(positions) == 5
+        assert single == positions[queued[-1].id]
+        with rt.engine.connect() as conn:
+            [list_plan] = _plans(conn, listed.sent)
+            queue_plans = _plans(conn, placed.sent[1:])
+        assert "ix_jobs_company_status_created" in list_plan, list_plan
+        assert queue_plans, placed.sent
+        assert all("ix_jobs_waiting" in plan for plan in queue_plans), queue_plans
+    finally:
+        rt.engine.dispose()

@@ -38,7 +38,7 @@ from pipeline.migrations import (
 from tests.conftest import ROOT, _scratch_database
 
 BACKENDS = [pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"]
-EARLIER = ("0001", "0002", "0003", "0004")  # every revision before head
+EARLIER = ("0001", "0002", "0003", "0004", "0005")  # every revision before head
 HAS_PG_DUMP = shutil.which("pg_dump") is not None
 
 
