@@ -42,22 +42,26 @@ def create_app(runtime) -> Flask:
     api = PipelineApi(app, spec_kwargs={"extra_plugins": [docs.ErrorResponses(app)]})
     api.ma_plugin.converter.add_attribute_function(numeric_range)
     api.ma_plugin.converter.add_attribute_function(docs.runtime_values(runtime))
-    from api import console, files, health, jobs, metrics, provider_keys, providers, seed, wallet
-    from api.events import init_app as init_event_streams
+    from api import (
+        attempts,
+        console,
+        events,
+        files,
+        health,
+        jobs,
+        metrics,
+        provider_keys,
+        providers,
+        seed,
+        wallet,
+        webhooks,
+    )
 
-    api.register_blueprint(jobs.blp)
-    api.register_blueprint(wallet.blp)
-    api.register_blueprint(provider_keys.blp)
-    api.register_blueprint(providers.blp)
-    api.register_blueprint(console.blp)
-    api.register_blueprint(files.blp)
-    api.register_blueprint(seed.blp)
-    api.register_blueprint(health.blp)
-    from api import webhooks
-
-    api.register_blueprint(webhooks.blp)
+    for blueprint in (jobs, attempts, webhooks, wallet, provider_keys, providers,
+                      console, files, seed, health):
+        api.register_blueprint(blueprint.blp)
     metrics.init_app(app, api)
-    init_event_streams(app, api)
+    events.init_app(app, api)  # its blueprint, and the hub its streams wait on
     app.register_blueprint(docs.assets_blueprint())
     # Before the gate: its hook counts a request the gate may then refuse (api/limits.py).
     limits.install(app, runtime.settings)

@@ -59,6 +59,14 @@ class JobError(Schema):
     message = fields.String()
 
 
+class JobInput(Schema):
+    contentType = fields.String()
+    prompt = fields.String()
+    settings = fields.Dict(metadata={"description": "The settings as submitted"})
+    provider = fields.String(metadata={
+        "description": "The provider the caller named; absent when it was chosen by routing"})
+
+
 class Job(Schema):
     jobId = fields.String()
     status = fields.String(metadata={
@@ -93,6 +101,8 @@ class Job(Schema):
                        "`Cancel-After`; null unless cancelled"})
     cancelledAt = fields.String(allow_none=True, metadata={
         "description": "When the job was cancelled; null unless cancelled"})
+    input = fields.Nested(JobInput, metadata={
+        "description": "What was asked for: `POST /v1/jobs` with it submits the job again"})
 
 
 class JobList(Schema):

@@ -235,7 +235,18 @@ def job_view(job, storage, link_ttl: int, queue_position: int | None = None) -> 
         "cancelAfter": iso_utc(job.cancel_after),
         "cancelledBy": job.cancelled_by,
         "cancelledAt": iso_utc(job.cancelled_at),
+        "input": job_input(job),
     }
+
+
+def job_input(job) -> dict:
+    """What the job was asked for, enough to submit it again: the provider only when the
+    caller named one (a routed job is routed afresh, and may go elsewhere)."""
+    given = {"contentType": job.content_type, "prompt": job.prompt,
+             "settings": job.settings or {}}
+    if job.provider_pinned:
+        given["provider"] = job.provider
+    return given
 
 
 def _money(value: Decimal | None) -> str | None:

@@ -23,7 +23,7 @@ import requests
 
 from api.console import POLICY
 from service.stack import free_port
-from tests.builders import auth, make_company, wallet_of
+from tests.builders import auth, make_company, wait_terminal, wallet_of
 from tests.conftest import ROOT, distributed_env, runtime_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -392,3 +392,51 @@ def test_spend_is_summed_per_utc_day_provider_and_content_type(any_engine):
             {"day": "2026-11-25", "provider": "local", "contentType": "video",
              "cost": "1.000000"},
         ]}
+
+
+@pytest.mark.e2e
+def test_console_shows_the_attempt_log_and_retries_any_job_from_the_jobs_page(
+        browser, console_stack):
+    """A card lists its job's attempts; a job submitted elsewhere (here with curl's
+    equivalent) is retried from the Jobs page with its own prompt and settings."""
+    origin, rt = console_stack
+    company = make_company(rt.engine, credits=10)
+    elsewhere = requests.post(f"{origin}/v1/jobs", headers=auth(company.api_key), timeout=10,
+                              json={"contentType": "text", "prompt": "retry me, from afar",
+                                    "provider": "local", "settings": {"maxTokens": 12}})
+    assert elsewhere.status_code == 202, elsewhere.text
+    original = elsewhere.json()["jobId"]
+    assert wait_terminal(rt.engine, [original]) == {original: "completed"}
+
+    page = browser.new_context(viewport={"width": 1200, "height": 800}).new_page()
+    page.goto(f"{origin}/console/")
+    page.fill("#api-key", company.api_key)
+    page.keyboard.press("Enter")
+    page.locator("#submit-form").wait_for()
+
+    job_id = _submit(page, "text", "local", "log my attempts", {"maxTokens": "10"})
+    _completes(page, job_id)
+    attempt = _card(page, job_id).locator(".attempts li[data-outcome=succeeded]")
+    attempt.wait_for()
+    assert "#1 local: succeeded" in attempt.inner_text()
+    assert "started" in attempt.inner_text()
+    assert "ended" in attempt.inner_text()
+    assert _card(page, job_id).locator(".attempts li").count() == 1
+
+    page.click("#nav a[data-view=jobs]")
+    page.locator(f"tr[data-job-id='{original}'] button", has_text="Retry").click()
+    page.wait_for_function(
+        "id => { const c = document.querySelector('#session-jobs article');"
+        " return c && c.dataset.jobId !== id && location.hash === '#/submit'; }",
+        arg=job_id)
+    retried = page.locator("#session-jobs article").first.get_attribute("data-job-id")
+    assert retried not in (original, job_id)
+    assert "retry me, from afar" in _card(page, retried).inner_text()
+    _completes(page, retried)
+    _card(page, retried).locator(".attempts li[data-outcome=succeeded]").wait_for()
+
+    again = requests.get(f"{origin}/v1/jobs/{retried}", headers=auth(company.api_key),
+                         timeout=10).json()
+    assert again["input"] == {"contentType": "text", "prompt": "retry me, from afar",
+                              "settings": {"maxTokens": 12}, "provider": "local"}
+    page.context.close()

@@ -5,12 +5,13 @@
 // status is read from GET /v1/jobs/<id>/events with fetch() and a stream reader,
 // because EventSource cannot send that header; polling is the fallback when the
 // stream is not offered. Everything is drawn with DOM calls (no innerHTML), so text
-// from the API is never read as markup.
+// from the API is never read as markup. "Retry" resubmits a job's own `input` (prompt,
+// settings, a provider the caller named), as GET /v1/jobs/<id> shows it: any finished
+// job can be retried, wherever it was submitted.
 "use strict";
 
 (function () {
   const KEY_SLOT = "pipeline.console.key";
-  const REQUESTS_SLOT = "pipeline.console.requests";
   const CONTENT_TYPES = ["text", "image", "audio", "video"];
   const STATUSES = ["pending", "queued", "processing", "completed", "failed", "cancelled"];
   const TERMINAL = new Set(["completed", "failed", "cancelled"]);
@@ -194,20 +195,6 @@
     return null;
   }
 
-  // ---- Remembered requests (for "Retry") -------------------------------------------
-
-  function rememberedRequests() {
-    try { return JSON.parse(window.sessionStorage.getItem(REQUESTS_SLOT) || "{}"); } catch (_) { return {}; }
-  }
-
-  function remember(jobId, request) {
-    const all = rememberedRequests();
-    all[jobId] = request;
-    const ids = Object.keys(all);
-    for (const old of ids.slice(0, Math.max(0, ids.length - 200))) delete all[old];
-    window.sessionStorage.setItem(REQUESTS_SLOT, JSON.stringify(all));
-  }
-
   // ---- Live status ------------------------------------------------------------------
 
   // Server-Sent Events, read from a fetch() body: `field: value` lines, a blank line
@@ -317,7 +304,7 @@
     while (!ctl.stopped) {
       try {
         const job = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
-        const seen = JSON.stringify([job.status, job.progress, job.actualCost, job.queuePosition]);
+        const seen = JSON.stringify([job.status, job.progress, job.actualCost, job.queuePosition, job.attempts]);
         if (seen !== last) onJob(job, job.status);
         last = seen;
         if (TERMINAL.has(job.status)) return;
@@ -332,6 +319,78 @@
   }
 
   // ---- A job's card ------------------------------------------------------------------
+
+  const OUTCOME_WORDS = {
+    succeeded: "succeeded",
+    transient: "failed for now (retried)",
+    failed: "refused",
+    timeout: "timed out",
+    abandoned: "stopped (the job ended)",
+  };
+
+  function clock(iso) {
+    const date = new Date(iso);
+    return Number.isNaN(date.getTime()) ? iso : date.toLocaleTimeString();
+  }
+
+  // The card's attempt log, from GET /v1/jobs/<id>/attempts: read again whenever the
+  // stream reports a new attempt or a new status, never more than one read at a time.
+  function attemptLog(jobId) {
+    const list = h("ol", { class: "attempts", "aria-label": "Attempt log" });
+    const el = h("div", { class: "attempt-log", hidden: true },
+      h("p", { class: "hint", text: "Attempt log" }), list);
+    let seen = "";
+    let reading = false;
+    let again = false;
+    let lateRead = false;
+    let job = null;
+
+    async function read() {
+      if (reading) { again = true; return; }
+      reading = true;
+      try {
+        const { attempts } = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}/attempts`);
+        draw(attempts);
+      } catch (_) {
+        // The log is extra: the card still shows the job, and the next change reads again.
+      } finally {
+        reading = false;
+        if (again) { again = false; read(); }
+      }
+    }
+
+    function draw(attempts) {
+      list.replaceChildren(...attempts.map(item));
+      el.hidden = !attempts.length;
+      // A cancelled job's attempt is closed by its worker a moment after the job ends.
+      if (job && TERMINAL.has(job.status) && !lateRead && attempts.some((a) => !a.finishedAt)) {
+        lateRead = true;
+        window.setTimeout(read, 3000);
+      }
+    }
+
+    function item(a) {
+      const ended = job && TERMINAL.has(job.status);
+      const outcome = a.outcome ? (OUTCOME_WORDS[a.outcome] || a.outcome) : (ended ? "no outcome recorded" : "running");
+      const times = `started ${clock(a.startedAt)}${a.finishedAt ? `, ended ${clock(a.finishedAt)}` : ""}`;
+      const error = a.error ? `${a.error.code || "ERROR"}${a.error.message ? `: ${a.error.message}` : ""}` : null;
+      return h("li", { "data-outcome": a.outcome || "none", "data-provider": a.provider },
+        h("span", { class: "attempt-head", text: `#${a.number} ${a.provider}: ${outcome}` }),
+        h("span", { class: "hint", text: times }),
+        error ? h("span", { class: "attempt-error", text: error }) : null);
+    }
+
+    function changed(next) {
+      job = next;
+      if (!job.attempts) return;
+      const mark = `${job.attempts}|${job.status}`;
+      if (mark === seen) return;
+      seen = mark;
+      read();
+    }
+
+    return { el, changed };
+  }
 
   function jobCard(jobId, request, onRetry) {
     const titleId = nextId("job");
@@ -348,13 +407,16 @@
     const result = h("div", { class: "result" });
     const actions = h("div", { class: "row" });
     const title = h("h3", { id: titleId, text: request ? `${request.contentType} job` : "Job" });
+    const promptLine = h("p", { class: "hint", hidden: true });
+    const attempts = attemptLog(jobId);
     const el = h("article", { class: "card", "aria-labelledby": titleId, "data-job-id": jobId },
       h("header", {}, title, badge),
       h("p", { class: "id" }, "Job ", h("a", { href: `#/job/${jobId}`, text: jobId })),
-      request ? h("p", { class: "hint", text: `“${request.prompt.slice(0, 140)}”` }) : null,
+      promptLine,
       h("dl", {}, row("Provider", "provider"), row("Estimated", "estimated"),
         row("Actual cost", "actual"), row("Attempts", "attempts"), row("In queue", "queue"),
         row("Updated by", "mode")),
+      attempts.el,
       h("div", {}, progressText, progress),
       errorBox, result, actions);
 
@@ -372,13 +434,20 @@
         cancel.disabled = false;
       }
     } });
-    const retry = request ? h("button", { type: "button", class: "quiet", text: "Retry with the same settings",
-      onclick: () => onRetry(request) }) : null;
+    // What was asked for: the form's request on this page, else the job's own input.
+    const given = () => request || (job && job.input) || null;
+    const retry = h("button", { type: "button", class: "quiet", text: "Retry with the same settings",
+      onclick: () => onRetry(given()) });
     append(actions, [cancel]);
 
     function update(next) {
       job = next;
       const status = job.status || "pending";
+      if (promptLine.hidden && given()) {
+        promptLine.textContent = `“${given().prompt.slice(0, 140)}”`;
+        promptLine.hidden = false;
+      }
+      attempts.changed(job);
       el.dataset.status = status;
       badge.className = `badge ${status}`;
       badge.textContent = status;
@@ -393,7 +462,7 @@
         progress.value = status === "completed" ? 1 : (job.progress || 0);
         progressText.textContent = status === "completed" ? "Progress: done" : "Progress: stopped";
         cancel.remove();
-        if (retry && !retry.isConnected) actions.append(retry);
+        if (given() && !retry.isConnected) actions.append(retry);
       } else if (typeof job.progress === "number") {
         progress.value = job.progress;
         progressText.textContent = `Progress: ${Math.round(job.progress * 100)}%`;
@@ -408,7 +477,7 @@
       }
       if (status === "completed" && job.result && !shown) {
         shown = true;
-        showResult(result, job, request, actions);
+        showResult(result, job, given(), actions);
       }
     }
 
@@ -592,7 +661,6 @@
 
   async function submitJob(request) {
     const accepted = await api("POST", "/v1/jobs", request);
-    remember(accepted.jobId, request);
     const card = jobCard(accepted.jobId, request, (again) => submitJob(again).catch((err) => {
       const box = document.getElementById("submit-error");
       if (box) showError(box, err);
@@ -617,8 +685,7 @@
     view.append(section);
     try {
       const job = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
-      const request = rememberedRequests()[jobId] || null;
-      const card = jobCard(jobId, request, (again) => submitJob(again).then(() => { window.location.hash = "#/submit"; }));
+      const card = jobCard(jobId, null, (again) => submitJob(again).then(() => { window.location.hash = "#/submit"; }));
       card.update(job);
       section.append(card.el);
       card.follow();
@@ -653,7 +720,7 @@
       if (cursor) query.set("cursor", cursor);
       try {
         const page = await api("GET", `/v1/jobs?${query}`);
-        body.replaceChildren(jobsTable(page.jobs));
+        body.replaceChildren(jobsTable(page.jobs, retry));
         older.disabled = !page.nextCursor;
         older.dataset.cursor = page.nextCursor || "";
         newer.disabled = pages.length <= 1;
@@ -663,6 +730,18 @@
       }
     };
     const restart = () => { pages = [null]; load(null); };
+    // The new job's card is on the Create page, where it is followed live.
+    const retry = async (input, button) => {
+      showError(errorBox, null);
+      button.disabled = true;
+      try {
+        await submitJob(input);
+        window.location.hash = "#/submit";
+      } catch (err) {
+        showError(errorBox, err);
+        button.disabled = false;
+      }
+    };
     for (const control of [status, kind, provider]) control.addEventListener("change", restart);
     older.addEventListener("click", () => { pages.push(older.dataset.cursor); load(older.dataset.cursor); });
     newer.addEventListener("click", () => { pages.pop(); load(pages[pages.length - 1]); });
@@ -678,7 +757,7 @@
     await load(null);
   }
 
-  function jobsTable(jobs) {
+  function jobsTable(jobs, onRetry) {
     if (!jobs.length) return h("p", { text: "No jobs match." });
     const rows = jobs.map((job) => {
       const link = job.status === "completed" && job.contentType === "image" && job.result
@@ -693,9 +772,12 @@
         h("td", {}, h("span", { class: `badge ${job.status}`, text: job.status })),
         h("td", { class: "num", text: credits(job.estimatedCost) }),
         h("td", { class: "num", text: credits(job.actualCost) }),
-        h("td", { text: when(job.createdAt) }));
+        h("td", { text: when(job.createdAt) }),
+        h("td", {}, TERMINAL.has(job.status) && job.input ? h("button", { type: "button", class: "quiet",
+          text: "Retry", "aria-label": `Retry job ${job.jobId} with the same settings`,
+          onclick: (event) => onRetry(job.input, event.currentTarget) }) : null));
     });
-    const head = ["Preview", "Job", "Type", "Provider", "Status", "Estimated", "Actual", "Created"];
+    const head = ["Preview", "Job", "Type", "Provider", "Status", "Estimated", "Actual", "Created", "Actions"];
     return stackable(h("table", {},
       h("caption", { class: "visually-hidden", text: "Jobs, newest first" }),
       h("thead", {}, h("tr", {}, head.map((name) => h("th", { scope: "col",
@@ -972,7 +1054,6 @@
   function signOut() {
     for (const stop of currentStops) stop();
     window.sessionStorage.removeItem(KEY_SLOT);
-    window.sessionStorage.removeItem(REQUESTS_SLOT);
     state.key = null;
     state.providers = [];
     state.sessionCards = null;
