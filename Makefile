@@ -23,8 +23,10 @@ demo: $(STAMP) ## run one job of each content type on the embedded default, chec
 run: $(STAMP) ## API + worker + beat in the foreground (PORT=8000)
 	$(BIN)/pipeline run --port $(or $(PORT),8000)
 
+# Two pytest processes (pytest-xdist): most tests wait on workers, servers and sleeps, so
+# two share the 2 cores well; every test makes its own database, prefix and ports.
 test: $(STAMP) ## the whole suite (needs PostgreSQL, Redis and RabbitMQ on localhost)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 wheel: $(STAMP) ## build the wheel into dist/ (what the Dockerfile installs)
 	$(BIN)/pip wheel --no-deps --no-build-isolation --quiet -w dist .
