@@ -34,6 +34,12 @@ wheel: $(STAMP) ## build the wheel into dist/ (what the Dockerfile installs)
 flower: $(STAMP) ## Flower on 127.0.0.1:5555 against the configured broker (FLOWER_BASIC_AUTH=user:password)
 	$(BIN)/pipeline flower --port $(or $(FLOWER_PORT),5555)
 
+bench: $(STAMP) ## the full benchmark run (< 15 min): table + bench/results/latest.json
+	$(BIN)/pipeline bench
+
+bench-quick: $(STAMP) ## a subset of the benchmarks with fewer jobs (< 5 min)
+	$(BIN)/pipeline bench --quick
+
 lint: $(STAMP) ## ruff, and the layers of the code (import-linter, .importlinter)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
@@ -41,4 +47,4 @@ lint: $(STAMP) ## ruff, and the layers of the code (import-linter, .importlinter
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) var .pytest_cache .ruff_cache build dist
 
-.PHONY: help install demo run test wheel flower lint clean
+.PHONY: help install demo run test wheel flower lint clean bench bench-quick

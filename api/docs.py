@@ -46,10 +46,13 @@ CODES: dict[str, tuple[int, str]] = {
                           "to retry)"),
     "INTERNAL_ERROR": (500, "a bug: the log has the traceback, the response never does"),
     "PROVIDER_UNAVAILABLE": (503, "every provider for this content type is cooling down"),
+    "DATABASE_UNAVAILABLE": (503, "the database did not answer (a restart, or every "
+                                  "connection busy): nothing was changed; retry after "
+                                  "`Retry-After` seconds"),
 }
 _BODY_CODES = ("VALIDATION_ERROR", "PAYLOAD_TOO_LARGE", "UNSUPPORTED_MEDIA_TYPE")
 # The gate refuses a NUL in any query parameter, so every operation can say 400.
-_ANYWHERE = ("VALIDATION_ERROR", "INTERNAL_ERROR")
+_ANYWHERE = ("VALIDATION_ERROR", "INTERNAL_ERROR", "DATABASE_UNAVAILABLE")
 # What a 429 (RATE_LIMITED, api/limits.py) carries besides its envelope.
 RATE_LIMIT_HEADERS = {
     name: {"description": description, "required": True, "schema": {"type": "integer"}}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from flask import jsonify
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from pipeline.errors import PipelineError
@@ -74,6 +76,17 @@ def register_error_handlers(app) -> None:
                 message = "The request body is not valid JSON."
             return envelope(message, "VALIDATION_ERROR", 400, details)
         return envelope(exc.description or exc.name, code, status, details)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(PoolTimeout)
+    def _database_unavailable(exc: Exception):
+        # The database went away (a restart drops pooled connections) or every pooled
+        # connection is busy: nothing was changed, and a retry in a moment may succeed.
+        log.warning("database unavailable: %s", type(exc).__name__)
+        response = envelope("The database is unavailable; retry shortly.",
+                            "DATABASE_UNAVAILABLE", 503)
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

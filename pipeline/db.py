@@ -7,11 +7,14 @@ import json
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DisconnectionError
 
 from pipeline import tables
 from pipeline.migrations import Migrated, upgrade
@@ -70,9 +73,59 @@ def make_engine(database_url: str, *, pool_size: int = 5) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(
-        database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-    )
+    engine = create_engine(database_url, pool_size=pool_size, max_overflow=pool_size)
+    _ping_when_idle(engine)
+    return engine
+
+
+# A pooled connection unused this long is pinged before it is handed out; one in steady
+# use is not. SQLAlchemy's pool_pre_ping pings on every checkout: a round trip before
+# each of a job's ~15 checkouts, for connections that answered milliseconds ago.
+PING_AFTER_IDLE_SECONDS = 5.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling for idle connections only.
+
+    A database restart or a firewall's idle timeout kills connections while they sit in
+    the pool; the first checkout after that finds them dead, and is given a fresh one.
+    A connection that died while in steady use fails its statement instead, as it could
+    with pre-ping too (between the ping and the statement); every step retries on
+    OperationalError, and the pool drops the dead connections it finds then.
+    """
+
+    @event.listens_for(engine.pool, "checkin")
+    def _idle_since(dbapi_conn, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.pool, "checkout")
+    def _ping_if_idle(dbapi_conn, record, proxy):
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return  # brand new, or used moments ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool discards this connection and checks out another (up to 3 tries).
+            raise DisconnectionError(f"pooled connection is gone: {exc}") from exc
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A connection for ONE statement, atomic on its own (a read, an UPDATE, a statement
+    whose CTEs do several writes), or for reads that need not share a snapshot.
+
+    On PostgreSQL each statement commits by itself: no BEGIN before it, no COMMIT or
+    ROLLBACK after, two round trips fewer than `engine.begin()`. On SQLite it is
+    `engine.begin()` (its statements take the file's lock either way).
+    Never for two writes that must happen together: use `engine.begin()`.
+    """
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as conn:
+            yield conn
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        yield conn
 
 
 def _switch_to_wal(cur, *, wait_s: float = 30.0) -> None:

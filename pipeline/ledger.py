@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from pipeline.config import credits
 from pipeline.db import insert_ignore, new_id, utcnow
@@ -130,6 +130,9 @@ def reserve(conn, *, wallet_id, job_id, amount, ttl_seconds: int) -> Hold:
     reservations can never take the wallet below zero between a check and a write.
     """
     amount = credits(amount)
+    if conn.dialect.name == "postgresql":
+        return _reserve_in_one(conn, wallet_id=wallet_id, job_id=job_id, amount=amount,
+                               ttl_seconds=ttl_seconds)
     hold_id = new_id()
     # The hold row goes first: its unique job_id is the guard that makes a second
     # delivery of the reserve step find the first hold instead of holding twice.
@@ -155,6 +158,60 @@ def reserve(conn, *, wallet_id, job_id, amount, ttl_seconds: int) -> Hold:
     return Hold(hold_id, wallet_id, job_id, amount, "open")
 
 
+# The three writes of reserve() in one statement, in the same order and with the same
+# guards: the hold row (its unique job_id turns a replay into no row), the wallet's
+# conditional UPDATE (only when the hold is new), the reservation entry (only when the
+# wallet moved). One round trip instead of three, and the wallet row's lock, taken by
+# the UPDATE, is held only from here to the caller's commit.
+_RESERVE = text("""
+    WITH hold AS (
+        INSERT INTO credit_holds (id, wallet_id, job_id, amount, expires_at)
+        VALUES (:hold_id, :wallet_id, :job_id, :amount, :expires_at)
+        ON CONFLICT (job_id) DO NOTHING
+        RETURNING id),
+    moved AS (
+        UPDATE wallets
+        SET credits_available = credits_available - :amount,
+            credits_held = credits_held + :amount, updated_at = :now
+        WHERE id = :wallet_id AND credits_available >= :amount AND EXISTS (SELECT FROM hold)
+        RETURNING id),
+    entry AS (
+        INSERT INTO transactions (id, wallet_id, job_id, type, amount, idempotency_key)
+        SELECT CAST(:entry_id AS uuid), CAST(:wallet_id AS uuid), CAST(:job_id AS uuid),
+               'reservation', CAST(:amount AS numeric), CAST(:key AS text) FROM moved
+        WHERE CAST(:amount AS numeric) > 0
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING id)
+    SELECT EXISTS (SELECT FROM hold) AS held, EXISTS (SELECT FROM moved) AS moved,
+           EXISTS (SELECT FROM entry) AS recorded""")
+
+
+def _reserve_in_one(conn, *, wallet_id, job_id, amount: Decimal, ttl_seconds: int) -> Hold:
+    hold_id, key, now = new_id(), f"reserve:{job_id}", utcnow()
+    row = conn.execute(_RESERVE, {
+        "hold_id": hold_id, "wallet_id": wallet_id, "job_id": job_id, "amount": amount,
+        "expires_at": now + timedelta(seconds=ttl_seconds), "now": now,
+        "entry_id": new_id(), "key": key}).one()
+    if not row.held:
+        return get_hold(conn, job_id)  # a replay: the first delivery's hold
+    if not row.moved:
+        # The caller's transaction rolls back, taking the hold row with it.
+        raise InsufficientCredits(amount)
+    if amount > 0 and not row.recorded:
+        _same_entry(conn, key, "reservation", amount)
+    return Hold(hold_id, wallet_id, job_id, amount, "open")
+
+
+def _same_entry(conn, key: str, type_: str, amount: Decimal) -> None:
+    """An entry already under `key` must be this one, or the ledger disagrees with itself."""
+    existing = conn.execute(
+        select(transactions.c.amount, transactions.c.type)
+        .where(transactions.c.idempotency_key == key)
+    ).one()
+    if existing.amount != amount or existing.type != type_:
+        raise LedgerConflict(key, f"{existing.type} {existing.amount}", f"{type_} {amount}")
+
+
 def _close(conn, hold: Hold, status: str) -> bool:
     """Compare-and-set the hold from open to its final state; False if already closed."""
     return (
@@ -175,6 +232,8 @@ def settle(conn, job_id, actual) -> Decimal | None:
     actual = credits(actual)
     if actual < 0:
         raise ValueError(f"an actual cost cannot be negative: {actual}")
+    if conn.dialect.name == "postgresql":
+        return _settle_in_one(conn, job_id, actual)
     hold = get_hold(conn, job_id)
     if hold is None or not _close(conn, hold, "settled"):
         return None
@@ -188,6 +247,55 @@ def settle(conn, job_id, actual) -> Decimal | None:
                     key=f"release:{job_id}", job_id=job_id)
     _move(conn, hold.wallet_id, credits_held=-hold.amount, credits_used=debit,
           credits_available=release)
+    return debit
+
+
+# settle() in one statement: close the open hold (the compare-and-set that makes this the
+# only closing), write the debit and the release that are above zero, move the wallet.
+# An entry already under either key means the ledger disagrees with itself: the count of
+# entries written tells, and the caller's transaction rolls back.
+_SETTLE = text("""
+    WITH hold AS (
+        UPDATE credit_holds SET status = 'settled', closed_at = :now
+        WHERE job_id = CAST(:job_id AS uuid) AND status = 'open'
+        RETURNING wallet_id, amount),
+    split AS (
+        SELECT wallet_id, amount, LEAST(CAST(:actual AS numeric), amount) AS debit FROM hold),
+    entries AS (
+        INSERT INTO transactions (id, wallet_id, job_id, type, amount, idempotency_key)
+        SELECT gen_random_uuid(), split.wallet_id, CAST(:job_id AS uuid), e.type, e.amount,
+               e.key
+        FROM split, LATERAL (VALUES ('debit', split.debit, CAST(:debit_key AS text)),
+                                    ('release', split.amount - split.debit,
+                                     CAST(:release_key AS text)))
+             AS e (type, amount, key)
+        WHERE e.amount > 0
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING id),
+    moved AS (
+        UPDATE wallets
+        SET credits_held = credits_held - split.amount,
+            credits_used = credits_used + split.debit,
+            credits_available = credits_available + (split.amount - split.debit),
+            updated_at = :now
+        FROM split WHERE wallets.id = split.wallet_id
+        RETURNING wallets.id)
+    SELECT split.amount, split.debit, (SELECT count(*) FROM entries) AS written,
+           (SELECT count(*) FROM moved) AS moved
+    FROM split""")
+
+
+def _settle_in_one(conn, job_id, actual: Decimal) -> Decimal | None:
+    debit_key, release_key = f"debit:{job_id}", f"release:{job_id}"
+    row = conn.execute(_SETTLE, {"job_id": job_id, "actual": actual, "now": utcnow(),
+                                 "debit_key": debit_key, "release_key": release_key}).first()
+    if row is None:
+        return None  # no open hold: a replay, or voided
+    debit = credits(row.debit)
+    expected = (debit > 0) + (row.amount - debit > 0)
+    if row.written != expected or row.moved != 1:
+        raise LedgerConflict(debit_key if debit > 0 else release_key, "an existing entry",
+                             "a hold's closing entry")
     return debit
 
 

@@ -13,21 +13,26 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 
 from pipeline import budgets, catalogue, jobevents, ledger, logcontext, telemetry, usage
-from pipeline.db import aware_utc, insert_ignore, new_id, utcnow
-from pipeline.errors import PipelineError
+from pipeline.db import autocommit, aware_utc, insert_ignore, new_id, utcnow
+from pipeline.errors import NotFound, PipelineError
 from pipeline.jobs import get_job
 from pipeline.pricing import PriceTable
 from pipeline.storage import object_key
 from pipeline.tables import (
     TERMINAL_STATUSES,
+    credit_holds,
     job_attempts,
     job_dispatches,
     jobs,
     media_assets,
+    providers,
+    wallets,
 )
+from pipeline.tables import budgets as budget_rows
 
 PREVIEW_CHARS = 200
 
@@ -49,8 +54,42 @@ class Claim:
 
 
 def _job(engine, job_id):
-    with engine.connect() as conn:
+    with autocommit(engine) as conn:
         return get_job(conn, job_id)
+
+
+def _job_with(conn, job_id, *extra):
+    """The job's row with more columns read in the same statement (one round trip for
+    what would be several), raising NotFound as get_job does."""
+    row = conn.execute(select(jobs, *extra).where(jobs.c.id == job_id)).first()
+    if row is None:
+        raise NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": str(job_id)})
+    return row
+
+
+# reserve()'s first statement: mark a job that has not ended as reserved (a replay keeps
+# the first time), which takes the job row's lock until the commit, and read what the
+# steps after it need: the job's columns it uses, whether this statement was the first
+# to mark it (its reserved_at is this statement's own time), the company's wallet,
+# whether a hold exists, whether the company has any budget at all (most have none, and
+# then there is no budget to lock). Built once: this runs per reservation.
+_NOW = bindparam("now")
+_RESERVE_MARK = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"), jobs.c.status.not_in(TERMINAL_STATUSES))
+    .values(reserved_at=func.coalesce(jobs.c.reserved_at, _NOW),
+            updated_at=case((jobs.c.reserved_at.is_(None), _NOW), else_=jobs.c.updated_at))
+    .returning(
+        jobs.c.id, jobs.c.status, jobs.c.company_id, jobs.c.user_id, jobs.c.api_key_id,
+        jobs.c.provider, jobs.c.content_type, jobs.c.estimated_cost,
+        (jobs.c.reserved_at == _NOW).label("first"),
+        select(wallets.c.id).where(wallets.c.company_id == jobs.c.company_id)
+        .scalar_subquery().label("wallet_id"),
+        select(credit_holds.c.id).where(credit_holds.c.job_id == jobs.c.id)
+        .exists().label("held"),
+        select(budget_rows.c.id).where(budget_rows.c.company_id == jobs.c.company_id)
+        .exists().label("budgeted"))
+)
 
 
 def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
@@ -62,22 +101,22 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
     with engine.begin() as conn:
         # Lock the job first: a cancel (or any fail) ending it meanwhile waits for this
         # hold, then voids it, or ends it first and this finds it terminal. Without the
-        # lock a hold could be taken for a job that a cancel had just ended.
-        conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
-        job = get_job(conn, job_id)
-        logcontext.bind_job(job)
-        if job.status in TERMINAL_STATUSES:
+        # lock a hold could be taken for a job that a cancel had just ended. The mark
+        # comes before the wallet is touched: the wallet row's lock, taken by the
+        # ledger's UPDATE, is held to the commit and every reservation on this wallet
+        # waits on it, so nothing that can come before it comes after.
+        job = conn.execute(_RESERVE_MARK, {"job_id": job_id, "now": utcnow()}).first()
+        if job is None:  # ended (False), or no such job (NotFound, as get_job says it)
+            get_job(conn, job_id)
             return False
-        wallet = ledger.wallet_for_company(conn, job.company_id)
-        if ledger.get_hold(conn, job.id) is None:
+        logcontext.bind_job(job)
+        first = job.first
+        if job.wallet_id is None:
+            raise NotFound("WALLET_NOT_FOUND", "This company has no wallet.")
+        if not job.held and job.budgeted:
             budgets.check(conn, job.company_id, job.user_id, job.api_key_id, job.estimated_cost)
-        ledger.reserve(conn, wallet_id=wallet.id, job_id=job.id, amount=job.estimated_cost,
-                       ttl_seconds=ttl_seconds)
-        first = conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job.id, jobs.c.reserved_at.is_(None))
-            .values(reserved_at=utcnow(), updated_at=utcnow())
-        ).rowcount
+        ledger.reserve(conn, wallet_id=job.wallet_id, job_id=job.id,
+                       amount=job.estimated_cost, ttl_seconds=ttl_seconds)
     if first:  # this delivery took the hold (a replay found it)
         telemetry.credits("held", job.provider, job.estimated_cost)
         log.info("credits held: %s", job.estimated_cost)
@@ -125,6 +164,26 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
     return Claim(row, row.remote_id, aware_utc(row.deadline_at), row.attempts)
 
 
+# begin_attempt's three statements as one. The count reads the snapshot from before the
+# INSERT, so the row this statement adds (when it is new) is counted by adding it.
+_BEGIN_ATTEMPT = text("""
+    WITH bumped AS (
+        UPDATE jobs SET attempts = attempts + 1, deadline_at = :deadline_at, updated_at = :now
+        WHERE id = CAST(:job_id AS uuid)
+        RETURNING attempts),
+    added AS (
+        INSERT INTO job_attempts (id, job_id, number, provider)
+        SELECT CAST(:id AS uuid), CAST(:job_id AS uuid), attempts, CAST(:provider AS text)
+        FROM bumped
+        ON CONFLICT (job_id, number) DO NOTHING
+        RETURNING id)
+    SELECT bumped.attempts,
+           (SELECT count(*) FROM job_attempts
+            WHERE job_id = CAST(:job_id AS uuid) AND provider = :provider)
+           + (SELECT count(*) FROM added) AS on_provider
+    FROM bumped""")
+
+
 def begin_attempt(engine, job_id, provider: str, *, deadline_at: datetime) -> tuple[int, int]:
     """Count a provider start (the claim holder's alone): (attempts, starts on this provider).
 
@@ -132,6 +191,12 @@ def begin_attempt(engine, job_id, provider: str, *, deadline_at: datetime) -> tu
     them: Celery has no redelivery limit of its own.
     """
     now = utcnow()
+    if engine.dialect.name == "postgresql":
+        with autocommit(engine) as conn:  # one statement: atomic on its own
+            row = conn.execute(_BEGIN_ATTEMPT, {
+                "job_id": job_id, "deadline_at": deadline_at, "now": now, "id": new_id(),
+                "provider": provider}).one()
+        return row.attempts, row.on_provider
     with engine.begin() as conn:
         attempts = conn.execute(
             update(jobs).where(jobs.c.id == job_id)
@@ -154,7 +219,7 @@ def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str
               "error": error[:1000] if error else None, "finished_at": utcnow()}
     if remote_id is not None:
         values["remote_id"] = remote_id
-    with engine.begin() as conn:
+    with autocommit(engine) as conn:
         conn.execute(update(job_attempts)
                      .where(job_attempts.c.job_id == job_id, job_attempts.c.number == number)
                      .values(**values))
@@ -189,9 +254,10 @@ def heartbeat(engine, job_id, *, remote_id: str | None = None,
 def _update_processing(engine, job_id, values: dict, progress: float | None) -> bool:
     """Update a processing job; a reported progress is an event. False when not processing."""
     stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)
-    with engine.begin() as conn:
-        if progress is None:
+    if progress is None:
+        with autocommit(engine) as conn:  # one UPDATE, and no event to record with it
             return bool(conn.execute(stmt).rowcount)
+    with engine.begin() as conn:
         row = conn.execute(stmt.returning(*jobs.c)).first()
         if row is not None:
             jobevents.record(conn, row, "progress")
@@ -258,7 +324,7 @@ def save_output(engine, storage, job, output) -> str:
               "usage": output.usage}
     if extra:
         record["files"] = extra
-    with engine.begin() as conn:
+    with autocommit(engine) as conn:
         conn.execute(
             update(jobs)
             .where(jobs.c.id == job.id, jobs.c.output_key.is_(None))
@@ -303,49 +369,61 @@ def store(engine, storage, job_id) -> bool:
     if out.get("files"):
         result["files"] = [{k: f[k] for k in ("key", "mimeType", "size", "metadata")}
                            for f in out["files"]]
+    asset = {
+        "id": new_id(),
+        "company_id": job.company_id,
+        "job_id": job.id,
+        "content_type": job.content_type,
+        "storage_key": job.output_key,
+        "mime_type": out["mimeType"],
+        "size_bytes": out["size"],
+        "sha256": out["sha256"],
+        "metadata": out.get("metadata", {}),
+    }
+    stored = (update(jobs).where(jobs.c.id == job_id, jobs.c.stored_at.is_(None))
+              .values(stored_at=utcnow(), preview=preview, result=result, updated_at=utcnow()))
+    if engine.dialect.name == "postgresql":
+        # Both writes in one statement (the asset as a CTE), atomic on its own.
+        add = (postgresql.insert(media_assets).values(**asset)
+               .on_conflict_do_nothing(index_elements=["job_id"]).returning(media_assets.c.id))
+        with autocommit(engine) as conn:
+            conn.execute(stored.add_cte(add.cte("asset")))
+        return True
     with engine.begin() as conn:
-        insert_ignore(
-            conn,
-            media_assets,
-            {
-                "id": new_id(),
-                "company_id": job.company_id,
-                "job_id": job.id,
-                "content_type": job.content_type,
-                "storage_key": job.output_key,
-                "mime_type": out["mimeType"],
-                "size_bytes": out["size"],
-                "sha256": out["sha256"],
-                "metadata": out.get("metadata", {}),
-            },
-            ["job_id"],
-        )
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.stored_at.is_(None))
-            .values(stored_at=utcnow(), preview=preview, result=result, updated_at=utcnow())
-        )
+        insert_ignore(conn, media_assets, asset, ["job_id"])
+        conn.execute(stored)
     return True
 
 
 def settle(engine, job_id) -> bool:
     """Debit the actual cost, release the rest, complete the job: one transaction."""
     with engine.begin() as conn:
-        job = get_job(conn, job_id)
+        # The job, its provider's prices and its open hold's amount in one read.
+        job = _job_with(
+            conn, job_id,
+            select(providers.c.pricing).where(providers.c.name == jobs.c.provider)
+            .scalar_subquery().label("prices"),
+            select(credit_holds.c.amount).where(credit_holds.c.job_id == jobs.c.id,
+                                                credit_holds.c.status == "open")
+            .scalar_subquery().label("held_amount"))
         logcontext.bind_job(job)
         if not _live(job):
             return False
         if job.stored_at is None:
             raise RuntimeError(f"job {job_id} reached settle before store")
         output_usage = job.output.get("usage", {})
-        cost = PriceTable.from_db(conn).cost(job.provider, job.content_type, output_usage)
+        cost = PriceTable({job.provider: job.prices or {}}).cost(
+            job.provider, job.content_type, output_usage)
+        # What ledger.settle will debit when the hold is still open (written with the
+        # completion; corrected below in the rare case the ledger decides otherwise).
+        expected = None if job.held_amount is None else min(cost, job.held_amount)
         now = utcnow()
         completed = conn.execute(
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.status == job.status,
                    jobs.c.settled_at.is_(None))
             .values(status="completed", settled_at=now, completed_at=now, updated_at=now,
-                    error=None, error_code=None, progress=1.0)
+                    error=None, error_code=None, progress=1.0, actual_cost=expected)
         ).rowcount
         if not completed:
             return False
@@ -362,7 +440,8 @@ def settle(engine, job_id) -> bool:
             if debited < cost:
                 log.warning("job %s: late result charged %s of %s (wallet short)", job_id,
                             debited, cost)
-        conn.execute(update(jobs).where(jobs.c.id == job_id).values(actual_cost=debited))
+        if debited != expected:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(actual_cost=debited))
         # api_usage and the metrics row, once: this transaction's compare-and-set ended it.
         usage.record_finished(conn, job, status="completed", finished_at=now, cost=debited,
                               usage=output_usage, note=usage_note,

@@ -338,6 +338,20 @@ def cmd_demo(args, settings):
     sys.exit(run_demo(settings, port=args.port, as_json=args.json))
 
 
+def cmd_bench(args, settings):
+    # bench/ lives beside the code, not in the wheel: it imports tests/ helpers and needs
+    # PostgreSQL, Redis and RabbitMQ on localhost (the test suite's servers).
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "bench" / "run.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))  # an editable install: run from its checkout
+    try:
+        from bench.run import from_arguments
+    except ImportError:
+        _fail(args, "the benchmarks run from a checkout of the repository (bench/ and "
+                    "tests/ are not installed with the package): `make bench`", "NOT_FOUND")
+    sys.exit(from_arguments(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -446,6 +460,20 @@ def _process_commands(sub, command) -> None:
     p = command("demo", cmd_demo, "start the stack, run one job of each type, check, stop",
                 needs=SETTINGS)
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+
+    p = command("bench", cmd_bench, "benchmarks beside their references (bare Celery, raw "
+                "SQL, /healthz) on local PostgreSQL, Redis and RabbitMQ; writes "
+                "bench/results/latest.json", needs=NOTHING)
+    _bench_arguments(p)
+
+
+def _bench_arguments(p) -> None:
+    p.add_argument("--quick", action="store_true", help="a subset with fewer jobs (< 5 min)")
+    p.add_argument("--only", action="append", help="run only this figure (repeatable)")
+    p.add_argument("--jobs", type=int, default=None, help="jobs per throughput repetition")
+    p.add_argument("--repetitions", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None,
+                   help="the JSON's path (default bench/results/latest.json)")
 
 
 def _settings(needs: str) -> Settings | None:

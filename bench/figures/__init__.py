@@ -1,0 +1,1 @@
+"""One module per figure; each `measure(ctx, ...)` returns its figures as dicts."""
