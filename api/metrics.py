@@ -171,9 +171,13 @@ class DatabaseCollector:
                       "1 while an instance of a multi-instance provider (ComfyUI) runs a job, "
                       "0 while it is idle", labels=["provider", "instance"])
         registry = self.runtime.registry
+        per_instance = self.runtime.settings.comfyui_prompts_per_instance
         for provider in registry.names():
             instances = registry.instances(provider)
-            held = leases.holders(conn, instances) if instances else {}
+            # An instance is busy while any of its slots is leased (the running prompt's
+            # slot may be the second one, its first freed by the job before it).
+            held = ({leases.instance_of(slot) for slot in leases.holders(
+                conn, leases.slots(instances, per_instance))} if instances else set())
             for instance in instances:
                 busy.add_metric([provider, _instance_label(instance)],
                                 1 if instance in held else 0)

@@ -181,6 +181,13 @@ class Settings:
     idempotency_lease_seconds: float = 10.0
     # How often an asynchronous provider's remote job is polled.
     poll_interval_seconds: float = 3.0
+    # A GPU prompt (ComfyUI: our own server) is checked this often when its websocket is
+    # not connected; with it, its "prompt ended" message wakes the check at once.
+    gpu_poll_seconds: float = 0.25
+    # Prompts one ComfyUI instance holds at once: one running, the rest queued behind it so
+    # the GPU never idles while a finished job downloads and stores (give the gpu worker
+    # this many slots per instance). 1: never a prompt waiting behind another.
+    comfyui_prompts_per_instance: int = 2
     # Logs: every process writes one line per record to stdout, JSON or text (LOG_FORMAT:
     # `pipeline run` defaults to text), at LOG_LEVEL and above.
     log_level: str = "info"
@@ -274,6 +281,8 @@ class Settings:
             "publish_timeout_seconds": number("PUBLISH_TIMEOUT_SECONDS", 2.0, float),
             "idempotency_lease_seconds": number("IDEMPOTENCY_LEASE_SECONDS", 10.0, float),
             "poll_interval_seconds": number("POLL_INTERVAL_SECONDS", 3.0, float),
+            "gpu_poll_seconds": number("GPU_POLL_SECONDS", 0.25, float),
+            "comfyui_prompts_per_instance": max(1, number("COMFYUI_PROMPTS_PER_INSTANCE", 2)),
             "log_level": _choice(env, "LOG_LEVEL", LOG_LEVELS, "info"),
             "log_format": _choice(env, "LOG_FORMAT", ("json", "text"), "json"),
             "log_table_level": _choice(env, "LOG_TABLE_LEVEL", (*LOG_LEVELS, "off"), "info"),

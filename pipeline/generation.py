@@ -9,8 +9,12 @@ deadline (`deadline_at`, set when the remote work starts), provider starts by `j
 
 One remote start per job: the claim decides start versus poll in the statement that takes
 it, a heartbeat thread keeps the claim alive while a call, an upload or a GPU poll is in
-flight, and a multi-instance provider (ComfyUI) runs one job per instance under a lease.
-Remote work is cancelled whenever the job ends without using it.
+flight, and a multi-instance provider (ComfyUI) holds at most COMFYUI_PROMPTS_PER_INSTANCE
+prompts per instance, each under a lease on one of its slots (one running, the rest queued
+behind it at ComfyUI). A slot-holding provider that can tell when its work ends is waited
+on (ComfyUI: its websocket's "prompt ended", else a GPU_POLL_SECONDS poll of our own server)
+instead of sleeping a poll interval. Remote work is cancelled whenever the job ends without
+using it.
 """
 
 from __future__ import annotations
@@ -129,9 +133,17 @@ class _Run:
     def engine(self):
         return self.rt.engine
 
+    @property
+    def instance(self) -> str | None:
+        """The instance the leased slot belongs to."""
+        return leases.instance_of(self.lease) if self.lease is not None else None
+
+    def slots(self, instances: list[str]) -> list[str]:
+        return leases.slots(instances, self.settings.comfyui_prompts_per_instance)
+
     def circuit_key(self) -> str:
         if self.lease is not None:
-            return circuits.instance_key(self.job.provider, self.lease)
+            return circuits.instance_key(self.job.provider, self.instance)
         return self.job.provider
 
     def healthy_instances(self) -> list[str]:
@@ -174,11 +186,11 @@ class _Run:
             if stopped is not None:
                 return stopped
         elif self.rt.registry.instances(self.job.provider):
-            # Polling a prompt already on an instance: keep others off that instance.
+            # Polling a prompt already on an instance: it keeps one of that instance's slots.
             instance = self.provider.instance_of(self.remote_id)
-            self.lease = leases.acquire(self.engine, [instance], self.job.id,
+            self.lease = leases.acquire(self.engine, self.slots([instance]), self.job.id,
                                         ttl_seconds=self.settings.stale_after_seconds)
-        request = request_for(self.rt, self.job, self.lease)
+        request = request_for(self.rt, self.job, self.instance)
         try:
             with Heartbeat(self.engine, self.job.id, lease=self.lease,
                            stale_after_seconds=self.settings.stale_after_seconds) as beat:
@@ -194,10 +206,10 @@ class _Run:
             if not healthy:
                 return self.transient(f"every {job.provider} instance is cooling down", None,
                                       counted=False)
-            self.lease = leases.acquire(self.engine, healthy, job.id,
+            self.lease = leases.acquire(self.engine, self.slots(healthy), job.id,
                                         ttl_seconds=settings.stale_after_seconds)
             if self.lease is None:
-                # Every instance runs another job: wait for one, without counting an attempt.
+                # Every slot holds another job: wait for one, without counting an attempt.
                 lifecycle.release_claim(self.engine, job.id,
                                         wake_in=settings.poll_interval_seconds)
                 return Later(settings.poll_interval_seconds, "capacity")
@@ -257,10 +269,27 @@ class _Run:
                 return self.ended_elsewhere(request)
             if self.past_deadline():
                 return self.timed_out(request)
-            if beat.wait(self.settings.poll_interval_seconds):
+            self.wait(request, outcome.remote_id, beat)
+            if beat.ended.is_set():
                 return self.ended_elsewhere(request)
             outcome = self.ask("check", request, outcome.remote_id)
         return outcome
+
+    def wait(self, request: GenerationRequest, remote_id: str, beat: Heartbeat) -> None:
+        """Until the remote work may have changed: the provider says when if it can (a
+        push from its server, else its own short poll of GPU_POLL_SECONDS), else a poll
+        interval."""
+        settings = self.settings
+        waiter = getattr(self.provider, "wait", None)
+        if waiter is None:
+            beat.wait(settings.poll_interval_seconds)
+            return
+        try:
+            waiter(request, remote_id, settings.poll_interval_seconds,
+                   fallback=settings.gpu_poll_seconds, stop=beat.ended)
+        except Exception as exc:  # a hint failed: poll as before, never fail the job on it
+            log.debug("job %s: provider wait failed: %s", self.job.id, exc)
+            beat.wait(settings.gpu_poll_seconds)
 
     def poll_later(self, request: GenerationRequest, pending: Pending) -> Outcome:
         """An asynchronous SaaS job still running: hand the slot back, poll again later."""

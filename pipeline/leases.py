@@ -1,9 +1,14 @@
-"""Leases on provider instances: one running job per ComfyUI instance across every worker.
+"""Leases on provider instances: at most N prompts per ComfyUI instance across every worker.
 
 A row per instance in `provider_leases`. Taking one is a conditional UPDATE (free, expired,
 or already this job's), so two GPU slots on two machines can never pick the same idle
 instance the way a read of each instance's queue let them. The holder's heartbeat renews
 the lease; a worker that dies stops renewing it, and it is free again once it expires.
+
+An instance has `per_instance` slots (COMFYUI_PROMPTS_PER_INSTANCE): slot 1 is leased under
+the instance's URL itself, slot k under "<url>#slot<k>". ComfyUI runs one prompt at a time,
+so a second slot is a prompt queued behind the running one: the GPU starts it the moment the
+first ends, while that job's worker downloads and stores its output.
 """
 
 from __future__ import annotations
@@ -14,6 +19,21 @@ from sqlalchemy import and_, or_, select, update
 
 from pipeline.db import insert_ignore, utcnow
 from pipeline.tables import provider_leases
+
+SLOT = "#slot"
+
+
+def slots(instances: list[str], per_instance: int) -> list[str]:
+    """The lease resources of `instances`: every instance's first slot before any second,
+    so jobs spread over idle instances before queueing on a busy one."""
+    return [url if k == 1 else f"{url}{SLOT}{k}"
+            for k in range(1, max(per_instance, 1) + 1) for url in instances]
+
+
+def instance_of(resource: str) -> str:
+    """The instance a lease resource (a slot) belongs to."""
+    url, found, _ = resource.rpartition(SLOT)
+    return url if found else resource
 
 
 def acquire(engine, resources: list[str], job_id, *, ttl_seconds: float) -> str | None:

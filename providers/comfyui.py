@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 NAME = "comfyui"
 DEFAULT_TIMEOUT = 30.0  # a local server; /prompt validates the graph before answering
+WAIT_SLICE = 0.05  # how often a wait looks at the job's stop event and the socket's state
 # Non-UUID job ids map onto stable UUIDs, so every job has one prompt id on every server.
 PROMPT_NAMESPACE = uuid.UUID("6f1c8a52-4e0b-4c55-9a57-3c1d2b0e7a11")
 # The folders of a path on the ComfyUI host (POSIX, drive or UNC, doubled backslashes too),
@@ -392,6 +395,46 @@ class ComfyUIProvider:
                 f"comfyui: {http.base_url} no longer has {file.filename}", provider=NAME
             )
         return response.content
+
+    # Waiting --------------------------------------------------------------------------------
+
+    def wait(
+        self,
+        request: GenerationRequest,
+        remote_id: str,
+        seconds: float,
+        *,
+        fallback: float,
+        stop: threading.Event,
+    ) -> None:
+        """Return as soon as the prompt may have ended, for `check` to read /history.
+
+        With the job's websocket up, that is its `executing` with node null (sent after the
+        history entry is written), or `seconds` at most. Without it, or when it connects or
+        drops meanwhile (events may have been missed), `fallback` seconds: a short poll of
+        our own server. Also returns when `stop` is set (the job ended elsewhere).
+        """
+        http, prompt_id = self._at(remote_id)
+        try:
+            listener = comfyui_progress.listener(
+                http.base_url, client_id_for(request.job_id), min(self.timeout, 5.0)
+            )
+            ended = listener.ended(prompt_id)
+        except Exception as exc:  # no thread to be had: poll
+            log.debug("comfyui websocket for %s unavailable: %s", prompt_id, exc)
+            stop.wait(min(seconds, fallback))
+            return
+        if ended.is_set():  # heard, yet /history said otherwise (an older server): poll
+            stop.wait(min(seconds, fallback))
+            return
+        give_up_at = time.monotonic() + (seconds if listener.connected else min(seconds, fallback))
+        connections = listener.connections
+        while not stop.is_set():
+            left = give_up_at - time.monotonic()
+            if left <= 0 or ended.wait(min(WAIT_SLICE, left)):
+                return
+            if listener.connections != connections:
+                return
 
     # Cancelling -----------------------------------------------------------------------------
 

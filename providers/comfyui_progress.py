@@ -12,8 +12,9 @@ Older servers send only `progress` (one node's steps), used until a `progress_st
 What a listener reports for a prompt never goes down. `executing` with node null ends failed and
 interrupted prompts too, so only `execution_success` means 100%.
 
-Polling stays the source of truth for completion: this is a hint only, and any failure here
-just means "no progress".
+Polling stays the source of truth for completion: progress is a hint only, and any failure here
+just means "no progress". `ended(prompt_id)` lets the adapter's `wait` read /history as soon as
+the socket says a prompt ended (`executing` with node null) instead of a poll interval later.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class PromptProgress:
     step: float | None = None  # the latest `progress` message (older servers)
     succeeded: bool = False
     best: float | None = None  # the highest fraction reported so far
+    # `executing` with node null: sent after the history entry is written, however the
+    # prompt ended (success, error, interrupt), so /history has it from then on.
+    ended: threading.Event = field(default_factory=threading.Event)
 
     def hear(self, kind: object, data: dict) -> None:
         if kind == "progress_state" and isinstance(data.get("nodes"), dict):
@@ -85,6 +89,8 @@ class PromptProgress:
             self.step = _ratio(data.get("value"), data.get("max"))
         elif kind == "execution_success":
             self.succeeded = True
+        elif kind == "executing" and "node" in data and data["node"] is None:
+            self.ended.set()
 
     def fraction(self, expected: Collection[str]) -> float | None:
         """Done over the whole graph (`expected`: the ids of the nodes the prompt runs)."""
@@ -112,6 +118,7 @@ class ProgressListener:
         self.url = url
         self.connect_timeout = connect_timeout
         self.connected = False
+        self.connections = 0  # counts connects and drops: a waiter re-reads history on either
         self._lock = threading.Lock()
         self._prompts: OrderedDict[str, PromptProgress] = prompts or OrderedDict()
         self._used = time.monotonic()
@@ -140,6 +147,15 @@ class ProgressListener:
             found = self._prompts.get(prompt_id)
             return found.fraction(expected) if found else None
 
+    def ended(self, prompt_id: str) -> threading.Event:
+        """Set once the socket says the prompt ended (made now if nothing was heard yet)."""
+        with self._lock:
+            self._used = time.monotonic()
+            found = self._prompts.get(prompt_id)
+            if found is None:
+                found = self._prompts[prompt_id] = PromptProgress()
+            return found.ended
+
     def handover(self) -> OrderedDict[str, PromptProgress]:
         """What this listener heard, for the one that replaces it (so nothing goes back)."""
         with self._lock:
@@ -161,6 +177,7 @@ class ProgressListener:
                 log.debug("comfyui websocket %s unavailable: %s", self.url, exc)
             else:
                 self.connected = True
+                self.connections += 1
                 try:
                     ws.settimeout(RECV_TIMEOUT)
                     self._listen(ws)
@@ -168,6 +185,7 @@ class ProgressListener:
                     log.debug("comfyui websocket %s lost: %s", self.url, exc)
                 finally:
                     self.connected = False
+                    self.connections += 1
                     with contextlib.suppress(Exception):  # S110: nothing to tell anyone
                         ws.close(timeout=RECV_TIMEOUT)
             # A socket that delivered messages was healthy: reconnect promptly after a drop.

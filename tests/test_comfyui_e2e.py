@@ -4,6 +4,7 @@ several instances shared by several slots, and prompts that never finish."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -56,7 +57,7 @@ def stack(comfy, api_stack):
 
     def make(urls=None, **extra):
         return api_stack(CREDITS, COMFY_WORKER_URL=",".join(urls or [c.url for c in comfy]),
-                         POLL_INTERVAL_SECONDS="0.1", **extra)
+                         **{"POLL_INTERVAL_SECONDS": "0.1", **extra})
 
     return make
 
@@ -99,6 +100,115 @@ def test_two_slots_on_two_instances_never_queue_on_one_while_the_other_idles(
     assert max(max(d) for d in depths) == 1  # no prompt ever waited behind another
     assert all(len(c.history) >= 2 for c in comfy)  # both instances worked
     assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+class _Watch:
+    """Samples a fake every few ms: when its k-th history entry appeared and when the k-th
+    /view came, i.e. how long a finished prompt waited for a worker to notice it."""
+
+    def __init__(self, server: FakeComfyUI):
+        self.server, self.samples = server, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Watch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append((time.monotonic(), len(self.server.history),
+                                 len(self.server.received("view"))))
+            time.sleep(0.005)
+
+    def lags(self, count: int) -> list[float]:
+        def first(column: int, k: int) -> float:
+            return next(s[0] for s in self.samples if s[column] >= k)
+
+        return [first(2, k) - first(1, k) for k in range(1, count + 1)]
+
+
+def _run_one_by_one(server, stack, start_worker, count, **env):
+    """`count` jobs of 0.3 s through one gpu slot at the default 3 s poll interval."""
+    env, rt, client, company = stack(urls=[server.url], POLL_INTERVAL_SECONDS="3", **env)
+    server.config["run_seconds"] = 0.3
+    start_worker(env, queues=["pipeline"], concurrency=2)
+    start_worker(env, queues=["gpu.comfyui"], concurrency=1, pool="prefork")
+    with _Watch(server) as watch:
+        for n in range(count):
+            job_id = _submit(client, company, {"seed": n, "steps": 2})
+            assert wait_terminal(rt.engine, [job_id], timeout=60)[job_id] == "completed"
+    return watch.lags(count)
+
+
+def test_a_finished_prompt_is_noticed_at_once_not_a_poll_interval_later(
+        comfy, stack, start_worker):
+    # GPU_POLL_SECONDS at the poll interval too: only the websocket can make this fast.
+    lags = _run_one_by_one(comfy[0], stack, start_worker, 3, GPU_POLL_SECONDS="3")
+    assert max(lags) < 0.5, lags  # polling alone: up to 3 s each
+
+
+def test_without_the_websocket_a_finished_prompt_is_noticed_by_the_short_poll(
+        comfy, stack, start_worker):
+    server = comfy[0]
+    server.config["websocket"] = False  # no /ws route (a proxy that drops upgrades): 404
+    lags = _run_one_by_one(server, stack, start_worker, 3)
+    assert max(lags) < 1.0, lags  # GPU_POLL_SECONDS (0.25), not POLL_INTERVAL_SECONDS (3)
+
+
+def test_a_websocket_dropped_mid_prompt_falls_back_to_polling(comfy, stack, start_worker):
+    server = comfy[0]
+    env, rt, client, company = stack(urls=[server.url], POLL_INTERVAL_SECONDS="3")
+    server.config["run_seconds"] = 1.5
+    start_worker(env, queues=["pipeline"], concurrency=2)
+    start_worker(env, queues=["gpu.comfyui"], concurrency=1, pool="prefork")
+    with _Watch(server) as watch:
+        job_id = _submit(client, company, {"steps": 3})
+        wait_for(lambda: server.sockets and server.running is not None, timeout=30)
+        server.config["websocket"] = False  # it cannot come back
+        assert server.drop_websockets() >= 1
+        assert wait_terminal(rt.engine, [job_id], timeout=60)[job_id] == "completed"
+    assert watch.lags(1)[0] < 1.0, watch.lags(1)
+
+
+def test_the_next_prompt_waits_queued_at_comfyui_so_the_gpu_never_idles(
+        comfy, stack, start_worker):
+    server = comfy[0]
+    env, rt, client, company = stack(urls=[server.url], POLL_INTERVAL_SECONDS="3")
+    server.config["run_seconds"] = 0.3
+    depths: list[int] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            depths.append(len(server.pending) + (server.running is not None))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start_worker(env, queues=["pipeline"], concurrency=2)
+    # COMFYUI_PROMPTS_PER_INSTANCE=2 (the default): two gpu slots for the one instance.
+    start_worker(env, queues=["gpu.comfyui"], concurrency=3, pool="prefork")
+    ids = [_submit(client, company, {"seed": n, "steps": 2}) for n in range(6)]
+    statuses = wait_terminal(rt.engine, ids, timeout=120)
+    stop.set()
+    sampler.join()
+    assert set(statuses.values()) == {"completed"}
+    assert max(depths) == 2  # one running, one queued behind it; never a third
+    runs = sorted((_stamp(e, "execution_start"), _stamp(e, "execution_success"))
+                  for e in server.history.values())
+    gaps = [start - end for (_, end), (start, _) in itertools.pairwise(runs)]
+    # Each next prompt was queued before the last one's output was downloaded and stored.
+    assert sorted(gaps)[len(gaps) // 2] < 50, gaps  # ms, the median
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def _stamp(entry: dict, kind: str) -> int:
+    return next(m[1]["timestamp"] for m in entry["status"]["messages"] if m[0] == kind)
 
 
 def test_a_repeated_caller_graph_gets_its_own_output_every_time(comfy, stack, start_worker):

@@ -174,7 +174,7 @@ def test_compose_declares_the_services_health_checks_and_start_order():
     assert "/healthz" in " ".join(healthcheck_argv(apps["api"]["healthcheck"]["test"]))
 
     # One worker per family, each checked by a ping of its own node; saas waits on HTTP
-    # (threads or gevent), gpu has one slot per ComfyUI instance.
+    # (threads or gevent), gpu has two slots per ComfyUI instance (one instance here).
     workers = worker_services(compose)
     assert sorted(workers) == sorted(FAMILIES)
     by_family = {option(argv(svc["command"]), "--queues"): svc for svc in apps.values()
@@ -185,7 +185,7 @@ def test_compose_declares_the_services_health_checks_and_start_order():
         assert check[:2] == ["sh", "-c"]
         assert f"inspect ping --timeout 10 -d {family}@$HOSTNAME" in check[2], check
     assert option(workers["saas"], "--pool") in ("threads", "gevent")
-    assert option(workers["gpu"], "--concurrency") == "1"
+    assert option(workers["gpu"], "--concurrency") == "2"
     assert [svc for svc in apps.values() if argv(svc["command"]) == ["pipeline", "beat"]]
 
     # Prometheus scrapes what the services serve: the API's port, every worker family's

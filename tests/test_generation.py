@@ -173,17 +173,21 @@ def test_a_dead_worker_is_taken_over_and_its_start_counted(harness):
 def test_a_job_waits_for_a_free_instance_without_counting_an_attempt(harness):
     provider = Scripted("gpu", _png(), instances=["http://a", "http://b"])
     rt, job_id = harness(provider)
-    other, another = new_id(), new_id()
-    assert leases.acquire(rt.engine, ["http://a"], other, ttl_seconds=60) == "http://a"
-    assert leases.acquire(rt.engine, ["http://b"], another, ttl_seconds=60) == "http://b"
+    # Every slot of both instances (COMFYUI_PROMPTS_PER_INSTANCE each) holds another job.
+    slots = leases.slots(["http://a", "http://b"], rt.settings.comfyui_prompts_per_instance)
+    others = {slot: new_id() for slot in slots}
+    for slot, other in others.items():
+        assert leases.acquire(rt.engine, [slot], other, ttl_seconds=60) == slot
     waiting = generation.generate(rt, job_id)
     assert waiting.reason == "capacity"
     assert (_job(rt, job_id).attempts, provider.starts) == (0, 0)
-    leases.release(rt.engine, "http://b", another)
+    freed = slots[-1]  # the last slot of http://b
+    leases.release(rt.engine, freed, others[freed])
     assert generation.generate(rt, job_id) == generation.Continue()
     assert provider.requests[-1].instance == "http://b"
     with rt.engine.connect() as conn:  # the lease went back when the job was done
-        assert leases.holders(conn, ["http://a", "http://b"]) == {"http://a": other}
+        assert freed not in leases.holders(conn, slots)
+        assert len(leases.holders(conn, slots)) == len(slots) - 1
 
 
 def test_storage_trouble_is_waited_out_and_the_provider_never_asked_again(harness):
