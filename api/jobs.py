@@ -15,6 +15,7 @@ from api.idempotency import IDEMPOTENCY_KEY_DOC, Respond, ViewResult, idempotent
 from pipeline import cancel as cancel_uc
 from pipeline import jobs as jobs_uc
 from pipeline import listing, netguard
+from pipeline.db import autocommit
 from pipeline.errors import NotFound
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs",
@@ -68,7 +69,9 @@ def parse_job_id(value: str) -> uuid.UUID:
 
 def load_job_view(job_id: str) -> dict:
     rt = runtime()
-    with rt.engine.connect() as conn:
+    # Reads alone, no BEGIN/ROLLBACK: the queue position is a hint, it need not share the
+    # job's snapshot.
+    with autocommit(rt.engine) as conn:
         job = jobs_uc.get_job(conn, parse_job_id(job_id), current_principal().company_id)
         position = listing.queue_position(conn, job)
     return jobs_uc.job_view(job, rt.storage, rt.settings.link_ttl_seconds,
@@ -153,7 +156,7 @@ class Jobs(MethodView):
             statuses=query["status"], content_type=query["contentType"],
             provider=query["provider"], created_after=query["createdAfter"],
             created_before=query["createdBefore"])
-        with rt.engine.connect() as conn:
+        with autocommit(rt.engine) as conn:
             rows, next_page = listing.list_jobs(
                 conn, current_principal().company_id, limit=query["limit"],
                 filters=filters, after=after)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 
 from pipeline import ledger
-from pipeline.db import new_id, utcnow
+from pipeline.db import autocommit, new_id, utcnow
 from pipeline.errors import Unauthorized
 from pipeline.jobs import Principal
 from pipeline.security import hash_api_key, new_api_key
@@ -61,7 +61,9 @@ def authenticate(engine, secret: str | None) -> Principal:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
     if not secret:
         raise Unauthorized("Invalid API key.")
-    with engine.connect() as conn:
+    # A read alone (no BEGIN, no ROLLBACK): it runs on every request. Not cached, so a
+    # revoked key is refused on its next request, in every API process.
+    with autocommit(engine) as conn:
         row = conn.execute(
             select(api_keys.c.id, api_keys.c.company_id, api_keys.c.user_id, api_keys.c.scope,
                    api_keys.c.revoked_at)
@@ -78,7 +80,7 @@ def user_in_company(engine, user_id, company_id) -> bool:
         user_id = uuid.UUID(str(user_id))
     except ValueError:
         return False
-    with engine.connect() as conn:
+    with autocommit(engine) as conn:
         return conn.execute(select(users.c.id).where(
             users.c.id == user_id, users.c.company_id == company_id)).first() is not None
 

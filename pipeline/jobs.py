@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, Text, and_, bindparam, exists, select, update
 
-from pipeline import budgets, jobevents, ledger, netguard, routing, telemetry, webhooks
-from pipeline.db import iso_utc, new_id, utcnow
+from pipeline import budgets, jobevents, netguard, routing, telemetry, webhooks
+from pipeline.db import autocommit, iso_utc, new_id, utcnow
 from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
 from pipeline.pricing import PriceTable
-from pipeline.tables import job_dispatches, jobs
+from pipeline.tables import budgets as budgets_table
+from pipeline.tables import job_dispatches, jobs, providers, wallets
 
 CONTENT_TYPES = ("text", "image", "audio", "video")
 
@@ -95,20 +96,21 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
     validate_request(req, max_prompt_length)
     webhooks.validate_subscription(req.webhook, req.webhook_events,
                                    webhook_guard or netguard.Guard())
-    with engine.connect() as conn:
+    # One transaction from the route to the job: its reads need no BEGIN of their own.
+    with engine.begin() as conn:
         provider = routing.choose(conn, registry, routes or {}, principal.company_id,
                                   content_type=req.content_type, requested=req.provider)
-    usage = registry.estimate_usage(provider, req.content_type, req.prompt, req.settings)
-    with engine.begin() as conn:
-        estimate = PriceTable.from_db(conn).cost(provider, req.content_type, usage)
-        wallet = ledger.wallet_for_company(conn, principal.company_id)
-        if wallet.credits_available < estimate:
-            raise InsufficientCredits(estimate, wallet.credits_available)
-        budgets.check(conn, principal.company_id, principal.user_id, principal.api_key_id,
-                      estimate, lock=False)
-        job_id = new_id()
+        usage = registry.estimate_usage(provider, req.content_type, req.prompt, req.settings)
+        quote = _quote(conn, principal.company_id, provider)
+        prices = PriceTable({} if quote.pricing is None else {provider: quote.pricing})
+        estimate = prices.cost(provider, req.content_type, usage)
+        if quote.credits_available < estimate:
+            raise InsufficientCredits(estimate, quote.credits_available)
+        if quote.has_budgets:
+            budgets.check(conn, principal.company_id, principal.user_id,
+                          principal.api_key_id, estimate, lock=False)
         row = {
-            "id": job_id,
+            "id": new_id(),
             "company_id": principal.company_id,
             "user_id": principal.user_id,
             "api_key_id": principal.api_key_id,
@@ -124,15 +126,63 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
             "webhook_url": req.webhook,
             "webhook_events": webhooks.subscribed_events(req.webhook_events),
         }
-        conn.execute(jobs.insert().values(**row))
-        conn.execute(
-            job_dispatches.insert().values(job_id=job_id, queue=registry.queue_for(provider))
-        )
-        job = dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping)
+        job = _insert_job(conn, row, registry.queue_for(provider))
         if on_created is not None:
             on_created(conn, job)
     telemetry.job_submitted(provider, req.content_type)
     return job
+
+
+# The submit path's statements, built once: building a CTE's column collection costs
+# more CPU than the statement takes to run. Bound names never a column's: SQLAlchemy
+# would take them for that column's new value.
+_QUOTE = (
+    select(wallets.c.credits_available,
+           select(providers.c.pricing).where(providers.c.name == bindparam("provider"))
+           .scalar_subquery().label("pricing"),
+           exists().where(budgets_table.c.company_id == bindparam("company_id"))
+           .label("has_budgets"))
+    .where(wallets.c.company_id == bindparam("company_id"))
+)
+# One per set of job fields (in practice, one): built on first use.
+_INSERTS_WITH_OUTBOX: dict[tuple[str, ...], object] = {}
+
+
+def _insert_with_outbox(fields: tuple[str, ...]):
+    new_job = (jobs.insert()
+               .values({name: bindparam(f"new_{name}") for name in fields})
+               .returning(*jobs.c).cte("new_job"))
+    outbox = job_dispatches.insert().from_select(
+        [job_dispatches.c.job_id, job_dispatches.c.queue],
+        select(new_job.c.id, bindparam("queue", type_=Text)),
+    ).cte("new_dispatch")
+    return select(new_job).add_cte(outbox)
+
+
+def _quote(conn, company_id, provider: str):
+    """The company's available credits, its provider's prices and whether it has any budget,
+    in one read: no whole price table, and no budgets read for a company without one."""
+    row = conn.execute(_QUOTE, {"company_id": company_id, "provider": provider}).first()
+    if row is None:
+        raise NotFound("WALLET_NOT_FOUND", "This company has no wallet.")
+    return row
+
+
+def _insert_job(conn, row: dict, queue: str) -> dict:
+    """Write the job and its outbox row; the job as stored (its defaults filled in).
+
+    On PostgreSQL one statement: the outbox row is inserted from the job's RETURNING, so
+    both are written, or neither, by the same statement of the caller's transaction."""
+    if conn.dialect.name != "postgresql":
+        conn.execute(jobs.insert().values(**row))
+        conn.execute(job_dispatches.insert().values(job_id=row["id"], queue=queue))
+        return dict(conn.execute(select(jobs).where(jobs.c.id == row["id"])).one()._mapping)
+    fields = tuple(row)
+    statement = _INSERTS_WITH_OUTBOX.get(fields)
+    if statement is None:
+        statement = _INSERTS_WITH_OUTBOX[fields] = _insert_with_outbox(fields)
+    params = {f"new_{name}": value for name, value in row.items()}
+    return dict(conn.execute(statement, {**params, "queue": queue}).one()._mapping)
 
 
 def dispatch(engine, publisher, job_id, queue: str) -> bool:
@@ -149,25 +199,39 @@ def dispatch(engine, publisher, job_id, queue: str) -> bool:
         log.warning("job %s: broker unavailable at dispatch (%s); left to the outbox relay",
                     job_id, type(exc).__name__)
         return False
-    with engine.begin() as conn:
+    with autocommit(engine) as conn:
         mark_dispatched(conn, job_id)
     jobevents.announce(job_id, "queued")
     return True
 
 
+def _mark_statements():
+    """(close the outbox row, queue the job) as two statements, and as one for PostgreSQL."""
+    now = bindparam("now")
+    sent = (update(job_dispatches)
+            .where(job_dispatches.c.job_id == bindparam("dispatched_job"))
+            .values(sent_at=now, attempts=job_dispatches.c.attempts + 1))
+    queued = (update(jobs)
+              .where(jobs.c.id == bindparam("dispatched_job"), jobs.c.status == "pending")
+              .values(status="queued", queued_at=now, updated_at=now))
+    in_one = sent.returning(job_dispatches.c.job_id).cte("sent")
+    return sent, queued, queued.where(jobs.c.id.in_(select(in_one.c.job_id)))
+
+
+_MARK_SENT, _MARK_QUEUED, _MARK_DISPATCHED = _mark_statements()
+
+
 def mark_dispatched(conn, job_id) -> None:
-    """The chain was handed to the broker: close the outbox row, move pending -> queued."""
-    now = utcnow()
-    conn.execute(
-        update(job_dispatches)
-        .where(job_dispatches.c.job_id == job_id)
-        .values(sent_at=now, attempts=job_dispatches.c.attempts + 1)
-    )
-    conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.status == "pending")
-        .values(status="queued", queued_at=now, updated_at=now)
-    )
+    """The chain was handed to the broker: close the outbox row, move pending -> queued.
+
+    On PostgreSQL one statement (safe in `autocommit`): the job's UPDATE reads the outbox
+    row's RETURNING, so the outbox row is locked first, as in the two-statement form."""
+    params = {"dispatched_job": job_id, "now": utcnow()}
+    if conn.dialect.name != "postgresql":
+        conn.execute(_MARK_SENT, params)
+        conn.execute(_MARK_QUEUED, params)
+        return
+    conn.execute(_MARK_DISPATCHED, params)
 
 
 def record_dispatch_failure(conn, job_id, error: str) -> None:

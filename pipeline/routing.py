@@ -41,10 +41,18 @@ def configured_for(conn, registry, company_id) -> set[str]:
     return registry.platform_configured() | (own & set(registry.names()))
 
 
+def configured_among(conn, registry, company_id, names) -> set[str]:
+    """Which of `names` are configured for the company: its own keys are read only when
+    one of them is not usable by every company already (as keyless `local` is)."""
+    platform = registry.platform_configured()
+    if set(names) <= platform:
+        return set(names)
+    return set(names) & configured_for(conn, registry, company_id)
+
+
 def choose(conn, registry, routes, company_id, *, content_type: str,
            requested: str | None) -> str:
     """The provider for a new job; a clear 400 when the request names an unusable one."""
-    usable = configured_for(conn, registry, company_id)
     if requested:
         if requested in catalogue.BY_NAME and requested not in registry.names():
             # A provider we know, left out of this deployment (ComfyUI without its URLs).
@@ -56,14 +64,16 @@ def choose(conn, registry, routes, company_id, *, content_type: str,
         if content_type not in provider.content_types:
             raise ValidationFailed(f"Provider '{requested}' does not generate {content_type}.",
                                    details={"field": "provider", "contentType": content_type})
-        if requested not in usable:
+        if requested not in configured_among(conn, registry, company_id, {requested}):
             raise ValidationFailed(
                 f"Provider '{requested}' has no API key: set the platform's "
                 f"{requested.upper()}_API_KEY or this company's key at /v1/provider-keys.",
                 details={"field": "provider"}, code="PROVIDER_NOT_CONFIGURED")
         return requested
-    candidates = [name for name in order_for(routes, content_type)
-                  if name in usable and content_type in registry.get(name).content_types]
+    order = [name for name in order_for(routes, content_type)
+             if name in registry.names() and content_type in registry.get(name).content_types]
+    usable = configured_among(conn, registry, company_id, order)
+    candidates = [name for name in order if name in usable]
     if not candidates:
         raise ValidationFailed(f"No configured provider generates {content_type}.",
                                details={"field": "contentType"})

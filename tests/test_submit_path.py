@@ -1,0 +1,96 @@
+"""The submit and read paths' database work: how many statements a POST and a GET send
+(each one a round trip), and that the one-read quote keeps the checks it replaced."""
+
+from __future__ import annotations
+
+import psycopg.pq
+import pytest
+from sqlalchemy import event, select
+
+from api import create_app
+from pipeline import budgets, tables
+from tests.builders import auth, make_company
+from tests.conftest import distributed_env, runtime_for
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
+IDLE = psycopg.pq.TransactionStatus.IDLE
+
+# BEGIN, the quote, the job with its outbox row, COMMIT; the key's read; the mark.
+SUBMIT_STATEMENTS = 6
+# The key's read, the job's, and its queue position (the job is still queued).
+GET_STATEMENTS = 3
+
+
+@pytest.fixture
+def api(empty_pg_database, own_redis_prefix, tmp_path):
+    env = distributed_env(tmp_path, empty_pg_database, own_redis_prefix,
+                          storage_url=f"file://{tmp_path}/store", RATE_LIMITS_ENABLED="0")
+    runtime = runtime_for(env)
+    try:
+        yield runtime, create_app(runtime).test_client()
+    finally:
+        runtime.engine.dispose()
+
+
+def _count(engine) -> list[str]:
+    """Every statement the engine sends, BEGIN/COMMIT/ROLLBACK included, as they happen."""
+    sent: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _statement(conn, cursor, statement, *args):
+        raw = conn.connection.dbapi_connection
+        if not raw.autocommit and raw.info.transaction_status == IDLE:
+            sent.append("BEGIN")  # psycopg sends it ahead of the statement
+        sent.append(statement.split()[0])
+
+    def _ends(name):
+        def listener(conn):
+            raw = conn.connection.dbapi_connection
+            if raw is not None and raw.info.transaction_status != IDLE:
+                sent.append(name)  # a transaction was open: this is a round trip
+        return listener
+
+    event.listen(engine, "commit", _ends("COMMIT"))
+    event.listen(engine, "rollback", _ends("ROLLBACK"))
+    return sent
+
+
+def test_submit_and_get_send_few_statements(api):
+    runtime, client = api
+    company = make_company(runtime.engine, credits=100, name="rt")
+    client.get("/v1/jobs/00000000-0000-0000-0000-000000000000",
+               headers=auth(company.api_key))  # the pool's first connection, outside
+    sent = _count(runtime.engine)
+    answer = client.post("/v1/jobs", headers=auth(company.api_key),
+                         json={"contentType": "text", "provider": "local", "prompt": "hi"})
+    assert answer.status_code == 202, answer.get_json()
+    assert len(sent) == SUBMIT_STATEMENTS, sent
+    job_id = answer.get_json()["jobId"]
+    with runtime.engine.connect() as conn:
+        job = conn.execute(select(tables.jobs).where(tables.jobs.c.id == job_id)).one()
+        outbox = conn.execute(select(tables.job_dispatches)
+                              .where(tables.job_dispatches.c.job_id == job_id)).one()
+    assert (job.status, outbox.attempts, outbox.sent_at is not None) == ("queued", 1, True)
+    sent.clear()
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(company.api_key)).status_code == 200
+    assert len(sent) == GET_STATEMENTS, sent
+
+
+def test_budget_still_refuses_and_unpriced_provider_still_400(api):
+    """The budgets read is skipped only for a company without budgets; a provider with no
+    price row is still refused, not priced at zero."""
+    runtime, client = api
+    company = make_company(runtime.engine, credits=100, name="capped")
+    budgets.set_budget(runtime.engine, company.company_id, period="day", cap="0")
+    answer = client.post("/v1/jobs", headers=auth(company.api_key),
+                         json={"contentType": "text", "provider": "local", "prompt": "hi"})
+    assert (answer.status_code, answer.get_json()["code"]) == (402, "BUDGET_EXCEEDED")
+    with runtime.engine.begin() as conn:
+        conn.execute(tables.providers.delete().where(tables.providers.c.name == "local"))
+    other = make_company(runtime.engine, credits=100, name="free")
+    answer = client.post("/v1/jobs", headers=auth(other.api_key),
+                         json={"contentType": "text", "provider": "local", "prompt": "hi"})
+    assert answer.status_code == 400, answer.get_json()
+    with runtime.engine.connect() as conn:
+        assert conn.execute(select(tables.jobs.c.id)).first() is None
