@@ -17,6 +17,8 @@ from bench.report import figure, percentile
 from service.stack import free_port
 from tests.builders import make_company
 
+# What a kept-alive connection the server has just closed raises on its next request.
+STALE = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
 SENDERS = 64  # enough that the generator never waits for a free client at 200/s
 
 
@@ -28,15 +30,26 @@ def open_loop(port: int, request, rate: float, seconds: float) -> list[float]:
     latencies: list[float] = [0.0] * count
     errors: list[str] = []
 
+    def connect() -> http.client.HTTPConnection:
+        local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        return local.conn
+
     def send(i: int, due: float) -> None:
         conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        reused = conn is not None
         try:
-            request(conn)
+            try:
+                request(conn if reused else connect())
+            except STALE:
+                if not reused:
+                    raise
+                # The server closed the idle kept-alive connection (gunicorn's keep-alive
+                # timeout) as this request went out: it never arrived; send it anew.
+                local.conn.close()
+                request(connect())
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}"[:200])
-            conn.close()
+            local.conn.close()
             local.conn = None
         latencies[i] = (time.monotonic() - due) * 1000
 
