@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from decimal import Decimal
 
 from sqlalchemy import func, select
+from werkzeug.serving import make_server
 
 from pipeline.accounts import NewCompany, create_company
 from pipeline.tables import TERMINAL_STATUSES, jobs, transactions, wallets
@@ -113,3 +116,21 @@ def ledger_entries(engine, job_id) -> list[str]:
     with engine.connect() as conn:
         return sorted(r.type for r in conn.execute(
             select(transactions.c.type).where(transactions.c.job_id == job_id)))
+
+
+@contextlib.contextmanager
+def serving(app, port: int = 0):
+    """The app on a real threaded HTTP server (werkzeug's, as service/stack.py runs it),
+    on `port` (0: a free one); yields its URL. Stopped at the end, and with it the app's
+    event hub, so no listener thread outlives the test."""
+    from api.events import HUB
+
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+        app.extensions[HUB].close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +22,7 @@ import requests
 
 from api.console import POLICY
 from service.stack import free_port
-from tests.builders import auth, make_company, wait_terminal, wallet_of
+from tests.builders import auth, make_company, serving, wait_terminal, wallet_of
 from tests.conftest import ROOT, distributed_env, runtime_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -76,7 +75,6 @@ def browser():
 def console_stack(pg_database, own_redis_prefix, tmp_path, start_worker):
     """A real HTTP server for the API (threaded, as `pipeline run` serves it) and a worker
     for the pipeline and local queues only: a job for OpenAI waits in its queue forever."""
-    from werkzeug.serving import make_server
 
     from api import create_app
 
@@ -86,12 +84,9 @@ def console_stack(pg_database, own_redis_prefix, tmp_path, start_worker):
                           storage_url=f"file://{tmp_path}/store", PUBLIC_URL=origin,
                           OPENAI_API_KEY="sk-console-test", OPENAI_BASE_URL=UNREACHABLE)
     rt = runtime_for(env)
-    server = make_server("127.0.0.1", port, create_app(rt), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    start_worker(env, queues=["pipeline", "local"], concurrency=2)
-    yield origin, rt
-    server.shutdown()
+    with serving(create_app(rt), port):
+        start_worker(env, queues=["pipeline", "local"], concurrency=2)
+        yield origin, rt
     rt.engine.dispose()
 
 

@@ -5,29 +5,25 @@ gthread worker, event by event."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from werkzeug.serving import make_server
 
 from api import create_app
-from api.events import HUB
 from pipeline import jobevents, lifecycle
 from pipeline.config import ConfigError, Settings
 from pipeline.jobevents import EventId, passed
 from service import announce
 from service.stack import free_port
-from tests.builders import auth, make_company, wait_for
+from tests.builders import auth, make_company, serving, wait_for
 from tests.conftest import ROOT, runtime_for
 from tests.fakes.runway import FakeRunway
 
@@ -85,19 +81,6 @@ class EventStream:
 
 def _events(frames) -> list[tuple[str, str]]:
     return [(f["id"], f["event"]) for f in frames if "event" in f]
-
-
-@contextlib.contextmanager
-def serving(app):
-    """The app on a real, threaded HTTP server, as service/stack.py runs it."""
-    server = make_server("127.0.0.1", free_port(), app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        app.extensions[HUB].close()
 
 
 @pytest.fixture

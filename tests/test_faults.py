@@ -47,6 +47,7 @@ from tests.builders import (
     auth,
     job_statuses,
     make_company,
+    serving,
     wait_for,
     wait_terminal,
     wallet_of,
@@ -176,19 +177,13 @@ def pipeline_runtime(env: dict):
 @contextmanager
 def api_server(runtime):
     """The API on a real threaded HTTP server, as service/stack.py runs it."""
-    from werkzeug.serving import make_server
-
     werkzeug_log = logging.getLogger("werkzeug")
     level = werkzeug_log.level
     werkzeug_log.setLevel(logging.WARNING)  # one access line per request drowns the output
-    server = make_server("127.0.0.1", 0, create_app(runtime), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        with serving(create_app(runtime)) as url:
+            yield url
     finally:
-        server.shutdown()
-        thread.join(10)
         werkzeug_log.setLevel(level)
 
 

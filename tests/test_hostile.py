@@ -4,18 +4,17 @@ and the same answer from PostgreSQL and from the embedded SQLite default."""
 from __future__ import annotations
 
 import http.client
-import threading
 import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import func, select, update
-from werkzeug.serving import make_server
 
 from api import create_app
 from api.gate import MAX_BODY_BYTES, MAX_DEPTH
 from pipeline import ledger, tables
-from tests.builders import auth, make_company
+from tests.builders import auth, make_company, serving
 from tests.conftest import _scratch_database, distributed_env, runtime_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -283,10 +282,8 @@ def test_seed_generate_checks_user_and_company_against_the_key(backends):
 def test_a_chunked_body_past_the_limit_is_413(backends):
     """Through a real HTTP server: no Content-Length, the body streamed in chunks."""
     backend = backends["postgresql"]
-    server = make_server("127.0.0.1", 0, create_app(backend.runtime), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+    with serving(create_app(backend.runtime)) as url:
+        conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
         chunk = b"x" * 65536
         body = iter([b'{"contentType": "text", "prompt": "'] + [chunk] * 20 + [b'"}'])
         conn.request("POST", "/v1/jobs", body=body, encode_chunked=True, headers={
@@ -294,5 +291,3 @@ def test_a_chunked_body_past_the_limit_is_413(backends):
         resp = conn.getresponse()
         assert resp.status == 413
         assert b"PAYLOAD_TOO_LARGE" in resp.read()
-    finally:
-        server.shutdown()

@@ -10,13 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from sqlalchemy import select, text
-from werkzeug.serving import make_server
 
 from api import create_app
 from api.schemas import JobCreate
 from pipeline import idempotency
 from pipeline.tables import idempotency_keys
-from tests.builders import auth, count_jobs, make_company
+from tests.builders import auth, count_jobs, make_company, serving
 from tests.conftest import distributed_env, runtime_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -335,12 +334,8 @@ def slow_server(pg_database, module_redis_prefix, tmp_path_factory):
     """The app on a real threaded HTTP server, its publisher slowed to widen the race."""
     rt = _runtime(tmp_path_factory.mktemp("idem-http"), pg_database, module_redis_prefix,
                   wrap=lambda publisher: SlowPublisher(publisher, delay=0.3))
-    server = make_server("127.0.0.1", 0, create_app(rt), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield rt, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    with serving(create_app(rt)) as url:
+        yield rt, url
     rt.engine.dispose()
 
 
