@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, case, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
 
 from pipeline import budgets, catalogue, jobevents, ledger, logcontext, telemetry, usage
 from pipeline.db import autocommit, aware_utc, insert_ignore, new_id, utcnow
@@ -96,8 +97,13 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
     """Hold the estimate on the wallet. False when the job is already terminal.
 
     Raises InsufficientCredits or BudgetExceeded (after rolling back) when the wallet or
-    a budget cannot cover it.
+    a budget cannot cover it. On PostgreSQL most reservations are one statement
+    (_RESERVE_AT_ONCE); what it leaves to decide takes the transaction below.
     """
+    if engine.dialect.name == "postgresql":
+        done = _reserve_at_once(engine, job_id, ttl_seconds)
+        if done is not None:
+            return done
     with engine.begin() as conn:
         # Lock the job first: a cancel (or any fail) ending it meanwhile waits for this
         # hold, then voids it, or ends it first and this finds it terminal. Without the
@@ -118,6 +124,70 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
         ledger.reserve(conn, wallet_id=job.wallet_id, job_id=job.id,
                        amount=job.estimated_cost, ttl_seconds=ttl_seconds)
     if first:  # this delivery took the hold (a replay found it)
+        telemetry.credits("held", job.provider, job.estimated_cost)
+        log.info("credits held: %s", job.estimated_cost)
+    return True
+
+
+# The whole reservation as ONE statement, committed on its own, for a company that has a
+# wallet and no budgets (most): mark the job reserved (the first time kept), which takes
+# its row's lock as the transactional path's first statement does, then, when the job has
+# no hold yet, write the hold, the reservation entry, and last the wallet's move. Each
+# step reads the one before it, so PostgreSQL runs them in that order: the job's lock
+# comes before the wallet's, and the wallet's row, which every reservation on this wallet
+# waits for, is locked only for the last write and the commit. The wallet's CHECK
+# (credits_available >= 0) is the balance guard: a short wallet fails the statement whole
+# and nothing is written, the mark included. So does a second delivery racing this one,
+# on the hold's unique job_id or the entry's unique key. A job this statement leaves
+# alone (ended, unknown, budgeted, no wallet) and a failed statement go the
+# transactional path, which tells them apart.
+_RESERVE_AT_ONCE = text("""
+    WITH job AS (
+        UPDATE jobs j
+        SET reserved_at = COALESCE(j.reserved_at, :now),
+            updated_at = CASE WHEN j.reserved_at IS NULL THEN :now ELSE j.updated_at END
+        WHERE j.id = :job_id AND j.status NOT IN ('completed', 'failed', 'cancelled')
+          AND (EXISTS (SELECT FROM credit_holds h WHERE h.job_id = :job_id)
+               OR (EXISTS (SELECT FROM wallets w WHERE w.company_id = j.company_id)
+                   AND NOT EXISTS (SELECT FROM budgets b WHERE b.company_id = j.company_id)))
+        RETURNING j.id, j.status, j.company_id, j.user_id, j.api_key_id, j.provider,
+                  j.content_type, j.estimated_cost, j.reserved_at = :now AS first,
+                  EXISTS (SELECT FROM credit_holds h WHERE h.job_id = :job_id) AS held),
+    hold AS (
+        INSERT INTO credit_holds (id, wallet_id, job_id, amount, expires_at)
+        SELECT :hold_id, w.id, job.id, job.estimated_cost, :expires_at
+        FROM job JOIN wallets w ON w.company_id = job.company_id
+        WHERE NOT job.held
+        RETURNING wallet_id, amount),
+    entry AS (
+        INSERT INTO transactions (id, wallet_id, job_id, type, amount, idempotency_key)
+        SELECT :entry_id, hold.wallet_id, job.id, 'reservation', hold.amount,
+               'reserve:' || CAST(job.id AS text)
+        FROM job, hold WHERE hold.amount > 0),
+    moved AS (
+        UPDATE wallets w
+        SET credits_available = w.credits_available - hold.amount,
+            credits_held = w.credits_held + hold.amount, updated_at = :now
+        FROM hold WHERE w.id = hold.wallet_id)
+    SELECT * FROM job""")
+
+
+def _reserve_at_once(engine, job_id, ttl_seconds: int) -> bool | None:
+    """reserve() in one round trip; None when the transactional path must decide."""
+    now = utcnow()
+    params = {"job_id": job_id, "now": now, "hold_id": new_id(), "entry_id": new_id(),
+              "expires_at": now + timedelta(seconds=ttl_seconds)}
+    try:
+        with autocommit(engine) as conn:
+            job = conn.execute(_RESERVE_AT_ONCE, params).first()
+    except IntegrityError:
+        # The statement failed whole and wrote nothing: a short wallet (the path below
+        # refuses it) or another delivery's hold or entry (the path below finds it).
+        return None
+    if job is None:
+        return None  # ended, unknown, budgeted or without a wallet: the path below decides
+    logcontext.bind_job(job)
+    if job.first:
         telemetry.credits("held", job.provider, job.estimated_cost)
         log.info("credits held: %s", job.estimated_cost)
     return True

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
 from decimal import Decimal
 
 import pytest
 from sqlalchemy import select
 
-from pipeline import lifecycle, sweeper
+from pipeline import budgets, lifecycle, sweeper
+from pipeline.budgets import BudgetExceeded
+from pipeline.errors import InsufficientCredits, NotFound
 from pipeline.jobs import JobRequest, Principal, get_job, submit_job
 from pipeline.provider import GenerationRequest
 from pipeline.tables import api_usage, credit_holds, transactions
@@ -114,4 +118,120 @@ def test_every_step_replayed_after_completion_changes_nothing(pg_runtime):
     assert not lifecycle.settle(rt.engine, job_id)
     assert not lifecycle.fail(rt.engine, job_id, code="X", message="late failure")
     assert _entries(rt, job_id) == before == [("debit", COST), ("reservation", COST)]
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+# reserve() on PostgreSQL: one statement for a company without budgets
+
+
+def _hold_state(rt, job_id):
+    with rt.engine.connect() as conn:
+        holds = conn.execute(select(credit_holds.c.amount, credit_holds.c.status)
+                             .where(credit_holds.c.job_id == job_id)).all()
+        job = get_job(conn, job_id)
+    return holds, job.reserved_at
+
+
+def test_reserve_holds_once_and_a_replay_keeps_the_first_time(pg_runtime):
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=1)
+    job_id = _job(rt, company)
+    assert lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)
+    holds, first_time = _hold_state(rt, job_id)
+    assert holds == [(COST, "open")]
+    assert first_time is not None
+    assert lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)  # a second delivery
+    assert _hold_state(rt, job_id) == (holds, first_time)
+    assert _entries(rt, job_id) == [("reservation", COST)]
+    wallet = wallet_of(rt.engine, company.company_id)
+    assert (wallet.credits_available, wallet.credits_held) == (1 - COST, COST)
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def test_reserve_on_a_short_wallet_writes_nothing(pg_runtime):
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=COST)
+    first, second = _job(rt, company), _job(rt, company)
+    assert lifecycle.reserve(rt.engine, first, ttl_seconds=60)
+    with pytest.raises(InsufficientCredits):
+        lifecycle.reserve(rt.engine, second, ttl_seconds=60)
+    assert _hold_state(rt, second) == ([], None)  # no hold, and the job is not marked
+    assert _entries(rt, second) == []
+    assert wallet_of(rt.engine, company.company_id).credits_available == 0
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def test_reserve_of_an_ended_or_unknown_job(pg_runtime):
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=1)
+    job_id = _job(rt, company)
+    assert lifecycle.fail(rt.engine, job_id, code="X", message="ended before its hold")
+    assert lifecycle.reserve(rt.engine, job_id, ttl_seconds=60) is False
+    assert _hold_state(rt, job_id)[0] == []
+    with pytest.raises(NotFound):
+        lifecycle.reserve(rt.engine, uuid.uuid4(), ttl_seconds=60)
+
+
+def test_a_budgeted_company_is_still_held_to_its_budget(pg_runtime):
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=1)
+    job_id = _job(rt, company)
+    budgets.set_budget(rt.engine, company.company_id, period="day", cap=COST / 2)
+    with pytest.raises(BudgetExceeded):
+        lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)
+    assert _hold_state(rt, job_id) == ([], None)
+    assert wallet_of(rt.engine, company.company_id).credits_available == 1
+
+
+def test_deliveries_of_one_job_racing_hold_it_once(pg_runtime):
+    """Eight deliveries of the same reserve at once, for twenty jobs: each job gets one
+    hold and one entry, and the wallet moves once per job."""
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=1)
+    job_ids = [_job(rt, company) for _ in range(20)]
+    errors = []
+
+    def deliver(job_id, go):
+        go.wait()
+        try:
+            assert lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    for job_id in job_ids:
+        go = threading.Event()
+        threads = [threading.Thread(target=deliver, args=(job_id, go)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        go.set()
+        for thread in threads:
+            thread.join(30)
+    assert errors == []
+    for job_id in job_ids:
+        assert _entries(rt, job_id) == [("reservation", COST)]
+        assert _hold_state(rt, job_id)[0] == [(COST, "open")]
+    assert wallet_of(rt.engine, company.company_id).credits_held == COST * len(job_ids)
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def test_reservations_racing_on_one_wallet_never_overdraw(pg_runtime):
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=COST * 10)
+    job_ids = [_job(rt, company) for _ in range(25)]
+    outcomes = []
+
+    def one(job_id):
+        try:
+            outcomes.append(lifecycle.reserve(rt.engine, job_id, ttl_seconds=60))
+        except InsufficientCredits:
+            outcomes.append("short")
+
+    threads = [threading.Thread(target=one, args=(job_id,)) for job_id in job_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert (outcomes.count(True), outcomes.count("short")) == (10, 15)
+    wallet = wallet_of(rt.engine, company.company_id)
+    assert (wallet.credits_available, wallet.credits_held) == (0, COST * 10)
     assert_wallet_matches_ledger(rt.engine, company.company_id)
