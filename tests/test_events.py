@@ -214,6 +214,12 @@ def test_a_lost_wake_up_only_delays_the_event_to_the_next_keep_alive(api_stack):
                                                 "settings": {}})
         stream = EventStream(url, company.api_key, job_id, timeout=20)
         assert _events([next(stream.frames), next(stream.frames)]) == [("1", "queued")]
+        # A wake-up already on its way (the hub wakes its streams once it has subscribed:
+        # what came before may have been missed) would find the change below at once;
+        # a keep-alive first says it has passed, and the pause lets that keep-alive's own
+        # read of the job (just after the comment) end before the change.
+        assert next(stream.frames) == {"comment": "keep-alive"}
+        time.sleep(0.1)
         previous = jobevents.installed()
         jobevents.install(jobevents.Announcer())  # this change wakes nobody
         try:
