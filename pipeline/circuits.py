@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from pipeline.db import aware_utc, insert_ignore, utcnow
+from pipeline.db import autocommit, aware_utc, insert_ignore, utcnow
 from pipeline.tables import provider_circuits
 
 THRESHOLD = 5
@@ -60,7 +60,9 @@ def record_failure(engine, provider: str, *, threshold: int = THRESHOLD,
 
 
 def record_success(engine, provider: str) -> None:
-    with engine.begin() as conn:
+    # One statement, and usually a write to nothing: the count is only reset when it
+    # is not zero already.
+    with autocommit(engine) as conn:
         conn.execute(
             update(provider_circuits)
             .where(provider_circuits.c.provider == provider,

@@ -202,30 +202,37 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
     deliveries can never both decide to start.
     """
     now = utcnow()
-    with engine.begin() as conn:
-        row = conn.execute(
-            update(jobs)
-            .where(
-                jobs.c.id == job_id,
-                jobs.c.output_key.is_(None),
+    claimable = (
+        jobs.c.id == job_id,
+        jobs.c.output_key.is_(None),
+        or_(
+            jobs.c.status.in_(("pending", "queued")),
+            and_(
+                jobs.c.status == "processing",
                 or_(
-                    jobs.c.status.in_(("pending", "queued")),
-                    and_(
-                        jobs.c.status == "processing",
-                        or_(
-                            jobs.c.heartbeat_at.is_(None),
-                            jobs.c.heartbeat_at < now - timedelta(seconds=stale_after),
-                        ),
-                    ),
+                    jobs.c.heartbeat_at.is_(None),
+                    jobs.c.heartbeat_at < now - timedelta(seconds=stale_after),
                 ),
-            )
-            .values(status="processing", started_at=func.coalesce(jobs.c.started_at, now),
-                    heartbeat_at=now, wake_at=None, updated_at=now)
-            .returning(*jobs.c)
-        ).first()
-        first = row is not None and aware_utc(row.started_at) == now  # it waited until now
-        if first:
-            jobevents.record(conn, row, "processing")
+            ),
+        ),
+    )
+    claim = (update(jobs)
+             .values(status="processing", started_at=func.coalesce(jobs.c.started_at, now),
+                     heartbeat_at=now, wake_at=None, updated_at=now)
+             .returning(*jobs.c))
+    # A job without a webhook has no event to record with its claim: the claim is one
+    # statement, committed on its own (no BEGIN and COMMIT around it). A job with one,
+    # and a job this leaves alone, take the transaction below.
+    row = None
+    if engine.dialect.name == "postgresql":
+        with autocommit(engine) as conn:
+            row = conn.execute(claim.where(*claimable, jobs.c.webhook_url.is_(None))).first()
+    if row is None:
+        with engine.begin() as conn:
+            row = conn.execute(claim.where(*claimable)).first()
+            if row is not None and aware_utc(row.started_at) == now:
+                jobevents.record(conn, row, "processing")
+    first = row is not None and aware_utc(row.started_at) == now  # it waited until now
     if row is None:
         return None
     if first:
