@@ -48,6 +48,7 @@ task_default_routing_key = names.PIPELINE_QUEUE
 # are the fixed homes of everything else.
 task_routes = {
     names.RESERVE: {"queue": names.PIPELINE_QUEUE, "routing_key": names.PIPELINE_QUEUE},
+    names.FINISH: {"queue": names.PIPELINE_QUEUE, "routing_key": names.PIPELINE_QUEUE},
     names.STORE: {"queue": names.PIPELINE_QUEUE, "routing_key": names.PIPELINE_QUEUE},
     names.SETTLE: {"queue": names.PIPELINE_QUEUE, "routing_key": names.PIPELINE_QUEUE},
     names.FAIL_AND_REFUND: {"queue": names.PIPELINE_QUEUE, "routing_key": names.PIPELINE_QUEUE},

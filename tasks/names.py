@@ -4,6 +4,9 @@ from pipeline import catalogue
 
 RESERVE = "pipeline.reserve"
 GENERATE = "pipeline.generate"
+FINISH = "pipeline.finish"  # store, then settle: the chain's last step
+# The chain's last two steps before they ran as FINISH: still served, for the messages
+# of chains published before (an upgrade must never orphan a queued step).
 STORE = "pipeline.store"
 SETTLE = "pipeline.settle"
 FAIL_AND_REFUND = "pipeline.fail_and_refund"

@@ -74,6 +74,12 @@ def register(app) -> None:
     # An object store that is down (or slowing us down) is waited out, never a failed job.
     retry_storage = {**retry_db, "autoretry_for": (OperationalError, StorageUnavailable)}
 
+    @app.task(name=names.FINISH, shared=False, base=JobTask, bind=True, max_retries=None,
+              **retry_storage)
+    def finish(self, job_id):
+        lifecycle.store(self.runtime.engine, self.runtime.storage, job_id)
+        lifecycle.settle(self.runtime.engine, job_id)
+
     @app.task(name=names.STORE, shared=False, base=JobTask, bind=True, max_retries=None,
               **retry_storage)
     def store(self, job_id):

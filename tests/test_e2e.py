@@ -10,11 +10,13 @@ from decimal import Decimal
 
 import pytest
 import requests
+from celery import chain
 
 from api import create_app
 from pipeline.config import Settings
 from pipeline.sweeper import sweep
 from service.demo import check_file
+from tasks import names
 from tasks.app import create_celery
 from tasks.chain import CeleryPublisher
 from tests.builders import (
@@ -113,6 +115,34 @@ def test_broker_down_at_submit_still_accepts_and_runs_later(distributed, start_w
 
     wait_for(relayed, timeout=30, interval=1, message="the relay to dispatch the job")
     assert wait_terminal(rt.engine, [job_id])[job_id] == "completed"
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_chain_published_before_the_finish_step_still_completes(distributed, start_worker):
+    """Chains an earlier version published (store and settle as steps of their own) may
+    still wait in the queues across an upgrade: today's workers run them to the end."""
+    env, rt, client = distributed
+    dead = Settings.from_env(environ={**env, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+                                      "PUBLISH_TIMEOUT_SECONDS": "0.5"})
+    rt.publisher = CeleryPublisher(create_celery(dead))  # the job waits, unpublished
+    company = make_company(rt.engine, credits=5)
+    job_id = client.post("/v1/jobs", headers=auth(company.api_key),
+                         json={"contentType": "text", "prompt": "from before"}
+                         ).get_json()["jobId"]
+    app = create_celery(rt.settings)
+    steps = [(names.RESERVE, names.PIPELINE_QUEUE), (names.GENERATE, names.LOCAL_QUEUE),
+             (names.STORE, names.PIPELINE_QUEUE), (names.SETTLE, names.PIPELINE_QUEUE)]
+    chain(*(app.signature(name, args=(job_id,), immutable=True, queue=queue,
+                          routing_key=queue) for name, queue in steps)).apply_async()
+    worker = start_worker(env)
+    assert wait_terminal(rt.engine, [job_id])[job_id] == "completed"
+    for name, _queue in steps:
+        assert f"{name}[" in worker.log()
+    assert names.FINISH not in worker.log()
+    view = client.get(f"/v1/jobs/{job_id}", headers=auth(company.api_key)).get_json()
+    assert Decimal(view["actualCost"]) > 0
     assert_wallet_matches_ledger(rt.engine, company.company_id)
 
 

@@ -153,9 +153,9 @@ def test_worker_and_api_metrics_match_what_ran(empty_pg_database, own_redis_pref
     assert total(pool, "pipeline_job_duration_seconds_count", status="failed") == 1
     assert total(pool, "pipeline_job_queue_wait_seconds_count", queue="local") == completed
     assert total(pool, "pipeline_task_duration_seconds_count",
-                 task="pipeline.settle") >= completed
+                 task="pipeline.finish") >= completed
     # A delivery lost with the killed process runs again: at least one run per job.
-    assert total(pool, "pipeline_tasks_total", task="pipeline.settle",
+    assert total(pool, "pipeline_tasks_total", task="pipeline.finish",
                  state="success") >= completed
     assert total(pool, "pipeline_provider_requests_total", provider="local", operation="start",
                  outcome="ok") >= completed
