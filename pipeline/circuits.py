@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from pipeline.db import autocommit, aware_utc, insert_ignore, utcnow
 from pipeline.tables import provider_circuits
@@ -25,11 +25,17 @@ def instance_key(provider: str, instance: str) -> str:
     return f"{provider}@{instance}"
 
 
+# Built once: both run on every generate delivery.
+_OPEN = select(provider_circuits.c.provider).where(
+    provider_circuits.c.opened_until > bindparam("now"))
+_CLOSE = (update(provider_circuits)
+          .where(provider_circuits.c.provider == bindparam("circuit"),
+                 provider_circuits.c.consecutive_failures > 0)
+          .values(consecutive_failures=0, updated_at=bindparam("now")))
+
+
 def open_providers(conn) -> set[str]:
-    now = utcnow()
-    return set(conn.execute(
-        select(provider_circuits.c.provider).where(provider_circuits.c.opened_until > now)
-    ).scalars())
+    return set(conn.execute(_OPEN, {"now": utcnow()}).scalars())
 
 
 def record_failure(engine, provider: str, *, threshold: int = THRESHOLD,
@@ -63,9 +69,4 @@ def record_success(engine, provider: str) -> None:
     # One statement, and usually a write to nothing: the count is only reset when it
     # is not zero already.
     with autocommit(engine) as conn:
-        conn.execute(
-            update(provider_circuits)
-            .where(provider_circuits.c.provider == provider,
-                   provider_circuits.c.consecutive_failures > 0)
-            .values(consecutive_failures=0, updated_at=utcnow())
-        )
+        conn.execute(_CLOSE, {"circuit": provider, "now": utcnow()})

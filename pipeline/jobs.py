@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from sqlalchemy import Connection, Text, and_, bindparam, exists, select, update
+from sqlalchemy import Connection, Text, bindparam, exists, select, update
 
 from pipeline import budgets, jobevents, netguard, routing, telemetry, webhooks
 from pipeline.db import autocommit, iso_utc, new_id, utcnow
@@ -242,12 +242,17 @@ def record_dispatch_failure(conn, job_id, error: str) -> None:
     )
 
 
+# get_job's reads, built once: every step and every GET of a job runs one.
+_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
+_COMPANY_JOB = _JOB.where(jobs.c.company_id == bindparam("company_id"))
+
+
 def get_job(conn, job_id, company_id=None):
     """The job row; scoped to a company when one is given (another's job is not found)."""
-    condition = jobs.c.id == job_id
-    if company_id is not None:
-        condition = and_(condition, jobs.c.company_id == company_id)
-    row = conn.execute(select(jobs).where(condition)).first()
+    if company_id is None:
+        row = conn.execute(_JOB, {"job_id": job_id}).first()
+    else:
+        row = conn.execute(_COMPANY_JOB, {"job_id": job_id, "company_id": company_id}).first()
     if row is None:
         raise NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": str(job_id)})
     return row

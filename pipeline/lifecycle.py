@@ -59,15 +59,6 @@ def _job(engine, job_id):
         return get_job(conn, job_id)
 
 
-def _job_with(conn, job_id, *extra):
-    """The job's row with more columns read in the same statement (one round trip for
-    what would be several), raising NotFound as get_job does."""
-    row = conn.execute(select(jobs, *extra).where(jobs.c.id == job_id)).first()
-    if row is None:
-        raise NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": str(job_id)})
-    return row
-
-
 # reserve()'s first statement: mark a job that has not ended as reserved (a replay keeps
 # the first time), which takes the job row's lock until the commit, and read what the
 # steps after it need: the job's columns it uses, whether this statement was the first
@@ -193,6 +184,30 @@ def _reserve_at_once(engine, job_id, ttl_seconds: int) -> bool | None:
     return True
 
 
+# claim_generation's statement, built once (it runs per generate delivery): take a job
+# that has not started, whose claim was released (no heartbeat), or whose heartbeat is
+# older than :stale_before, and no output is recorded for it yet.
+_CLAIM = (
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("job_id"),
+        jobs.c.output_key.is_(None),
+        or_(
+            jobs.c.status.in_(("pending", "queued")),
+            and_(
+                jobs.c.status == "processing",
+                or_(jobs.c.heartbeat_at.is_(None),
+                    jobs.c.heartbeat_at < bindparam("stale_before")),
+            ),
+        ),
+    )
+    .values(status="processing", started_at=func.coalesce(jobs.c.started_at, _NOW),
+            heartbeat_at=_NOW, wake_at=None, updated_at=_NOW)
+    .returning(*jobs.c)
+)
+_CLAIM_WITHOUT_WEBHOOK = _CLAIM.where(jobs.c.webhook_url.is_(None))
+
+
 def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
     """Take the job for this delivery; None when it is finished or alive in another worker.
 
@@ -202,34 +217,18 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
     deliveries can never both decide to start.
     """
     now = utcnow()
-    claimable = (
-        jobs.c.id == job_id,
-        jobs.c.output_key.is_(None),
-        or_(
-            jobs.c.status.in_(("pending", "queued")),
-            and_(
-                jobs.c.status == "processing",
-                or_(
-                    jobs.c.heartbeat_at.is_(None),
-                    jobs.c.heartbeat_at < now - timedelta(seconds=stale_after),
-                ),
-            ),
-        ),
-    )
-    claim = (update(jobs)
-             .values(status="processing", started_at=func.coalesce(jobs.c.started_at, now),
-                     heartbeat_at=now, wake_at=None, updated_at=now)
-             .returning(*jobs.c))
+    params = {"job_id": job_id, "now": now,
+              "stale_before": now - timedelta(seconds=stale_after)}
     # A job without a webhook has no event to record with its claim: the claim is one
     # statement, committed on its own (no BEGIN and COMMIT around it). A job with one,
     # and a job this leaves alone, take the transaction below.
     row = None
     if engine.dialect.name == "postgresql":
         with autocommit(engine) as conn:
-            row = conn.execute(claim.where(*claimable, jobs.c.webhook_url.is_(None))).first()
+            row = conn.execute(_CLAIM_WITHOUT_WEBHOOK, params).first()
     if row is None:
         with engine.begin() as conn:
-            row = conn.execute(claim.where(*claimable)).first()
+            row = conn.execute(_CLAIM, params).first()
             if row is not None and aware_utc(row.started_at) == now:
                 jobevents.record(conn, row, "processing")
     first = row is not None and aware_utc(row.started_at) == now  # it waited until now
@@ -292,14 +291,24 @@ def begin_attempt(engine, job_id, provider: str, *, deadline_at: datetime) -> tu
 def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str | None = None,
                    error: str | None = None, remote_id: str | None = None) -> None:
     """Record how one provider attempt ended (succeeded, transient, rejected, ...)."""
-    values = {"outcome": outcome, "error_code": error_code,
-              "error": error[:1000] if error else None, "finished_at": utcnow()}
-    if remote_id is not None:
-        values["remote_id"] = remote_id
     with autocommit(engine) as conn:
-        conn.execute(update(job_attempts)
-                     .where(job_attempts.c.job_id == job_id, job_attempts.c.number == number)
-                     .values(**values))
+        conn.execute(_FINISH_ATTEMPT, {
+            "b_job_id": job_id, "b_number": number, "b_outcome": outcome,
+            "b_error_code": error_code, "b_error": error[:1000] if error else None,
+            "b_finished_at": utcnow(), "b_remote_id": remote_id})
+
+
+# finish_attempt's statement, built once; a remote id not given keeps the one recorded.
+_FINISH_ATTEMPT = (
+    update(job_attempts)
+    .where(job_attempts.c.job_id == bindparam("b_job_id"),
+           job_attempts.c.number == bindparam("b_number"))
+    .values(outcome=bindparam("b_outcome"), error_code=bindparam("b_error_code"),
+            error=bindparam("b_error"), finished_at=bindparam("b_finished_at"),
+            remote_id=func.coalesce(
+                bindparam("b_remote_id", type_=job_attempts.c.remote_id.type),
+                job_attempts.c.remote_id))
+)
 
 
 def _remote_state(remote_id: str | None, progress: float | None) -> dict:
@@ -401,13 +410,20 @@ def save_output(engine, storage, job, output) -> str:
               "usage": output.usage}
     if extra:
         record["files"] = extra
+    now = utcnow()
     with autocommit(engine) as conn:
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job.id, jobs.c.output_key.is_(None))
-            .values(output_key=key, output=record, heartbeat_at=utcnow(), updated_at=utcnow())
-        )
+        conn.execute(_SAVE_OUTPUT, {"job_id": job.id, "b_output_key": key, "b_output": record,
+                                    "now": now})
     return key
+
+
+# save_output's record, built once: the first output recorded stays.
+_SAVE_OUTPUT = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"), jobs.c.output_key.is_(None))
+    .values(output_key=bindparam("b_output_key"), output=bindparam("b_output"),
+            heartbeat_at=_NOW, updated_at=_NOW)
+)
 
 
 def arrived_late(job) -> bool:
@@ -457,32 +473,67 @@ def store(engine, storage, job_id) -> bool:
         "sha256": out["sha256"],
         "metadata": out.get("metadata", {}),
     }
-    stored = (update(jobs).where(jobs.c.id == job_id, jobs.c.stored_at.is_(None))
-              .values(stored_at=utcnow(), preview=preview, result=result, updated_at=utcnow()))
     if engine.dialect.name == "postgresql":
         # Both writes in one statement (the asset as a CTE), atomic on its own.
-        add = (postgresql.insert(media_assets).values(**asset)
-               .on_conflict_do_nothing(index_elements=["job_id"]).returning(media_assets.c.id))
         with autocommit(engine) as conn:
-            conn.execute(stored.add_cte(add.cte("asset")))
+            conn.execute(_STORE, {**{f"a_{k}": v for k, v in asset.items()},
+                                  "job_id": job_id, "now": utcnow(), "b_preview": preview,
+                                  "b_result": result})
         return True
     with engine.begin() as conn:
         insert_ignore(conn, media_assets, asset, ["job_id"])
-        conn.execute(stored)
+        conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.stored_at.is_(None))
+                     .values(stored_at=utcnow(), preview=preview, result=result,
+                             updated_at=utcnow()))
     return True
+
+
+# store's two writes as one statement on PostgreSQL, built once: the media asset (its
+# unique job_id makes a replay add nothing) as a CTE of the job's update.
+_STORE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"), jobs.c.stored_at.is_(None))
+    .values(stored_at=_NOW, preview=bindparam("b_preview"), result=bindparam("b_result"),
+            updated_at=_NOW)
+    .add_cte(postgresql.insert(media_assets)
+             .values(**{name: bindparam(f"a_{name}", type_=media_assets.c[name].type)
+                        for name in ("id", "company_id", "job_id", "content_type",
+                                     "storage_key", "mime_type", "size_bytes", "sha256",
+                                     "metadata")})
+             .on_conflict_do_nothing(index_elements=["job_id"])
+             .returning(media_assets.c.id)
+             .cte("asset"))
+)
+
+
+# settle's read, built once: the job, its provider's prices (not the whole price table)
+# and its open hold's amount, in one statement.
+_SETTLE_READ = select(
+    jobs,
+    select(providers.c.pricing).where(providers.c.name == jobs.c.provider)
+    .scalar_subquery().label("prices"),
+    select(credit_holds.c.amount).where(credit_holds.c.job_id == jobs.c.id,
+                                        credit_holds.c.status == "open")
+    .scalar_subquery().label("held_amount"),
+).where(jobs.c.id == bindparam("job_id"))
+
+# settle's compare-and-set to completed, built once (`was`: the status it read).
+_COMPLETE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"), jobs.c.status == bindparam("was"),
+           jobs.c.settled_at.is_(None))
+    .values(status="completed", settled_at=_NOW, completed_at=_NOW, updated_at=_NOW,
+            error=None, error_code=None, progress=1.0,
+            actual_cost=bindparam("expected", type_=jobs.c.actual_cost.type))
+)
 
 
 def settle(engine, job_id) -> bool:
     """Debit the actual cost, release the rest, complete the job: one transaction."""
     with engine.begin() as conn:
-        # The job, its provider's prices and its open hold's amount in one read.
-        job = _job_with(
-            conn, job_id,
-            select(providers.c.pricing).where(providers.c.name == jobs.c.provider)
-            .scalar_subquery().label("prices"),
-            select(credit_holds.c.amount).where(credit_holds.c.job_id == jobs.c.id,
-                                                credit_holds.c.status == "open")
-            .scalar_subquery().label("held_amount"))
+        job = conn.execute(_SETTLE_READ, {"job_id": job_id}).first()
+        if job is None:
+            raise NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": str(job_id)})
         logcontext.bind_job(job)
         if not _live(job):
             return False
@@ -495,13 +546,8 @@ def settle(engine, job_id) -> bool:
         # completion; corrected below in the rare case the ledger decides otherwise).
         expected = None if job.held_amount is None else min(cost, job.held_amount)
         now = utcnow()
-        completed = conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status == job.status,
-                   jobs.c.settled_at.is_(None))
-            .values(status="completed", settled_at=now, completed_at=now, updated_at=now,
-                    error=None, error_code=None, progress=1.0, actual_cost=expected)
-        ).rowcount
+        completed = conn.execute(_COMPLETE, {"job_id": job_id, "was": job.status, "now": now,
+                                             "expected": expected}).rowcount
         if not completed:
             return False
         jobevents.record(conn, job, "completed")

@@ -38,14 +38,25 @@ def record_finished(conn, job, *, status: str, finished_at, cost=Decimal(0),
         update(metrics).where(metrics.c.name == JOB_FINISHED, metrics.c.job_id == job.id)
         .values(value=seconds, labels=labels, timestamp=finished_at)).rowcount
     if not replaced:
-        conn.execute(metrics.insert().values(id=new_id(), name=JOB_FINISHED, value=seconds,
-                                             labels=labels, job_id=job.id,
-                                             timestamp=finished_at))
-    values = {"company_id": job.company_id, "provider": job.provider,
-              "content_type": job.content_type, "usage": usage or {}, "cost": cost,
-              "metadata": {"status": status, **({"errorCode": error_code} if error_code else {}),
-                           **(note or {})}}
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    conn.execute(dialect.insert(api_usage)
-                 .values(id=new_id(), job_id=job.id, **values)
-                 .on_conflict_do_update(index_elements=["job_id"], set_=values))
+        conn.execute(metrics.insert(), {"id": new_id(), "name": JOB_FINISHED, "value": seconds,
+                                        "labels": labels, "job_id": job.id,
+                                        "timestamp": finished_at})
+    conn.execute(_UPSERT_USAGE[conn.dialect.name], {
+        "id": new_id(), "job_id": job.id, "company_id": job.company_id,
+        "provider": job.provider, "content_type": job.content_type, "usage": usage or {},
+        "cost": cost,
+        "metadata": {"status": status, **({"errorCode": error_code} if error_code else {}),
+                     **(note or {})}})
+
+
+def _upsert_usage(dialect):
+    """The api_usage row, or the job's row overwritten (a late result): built once per
+    dialect, since it runs for every finished job."""
+    insert = dialect.insert(api_usage)
+    return insert.on_conflict_do_update(
+        index_elements=["job_id"],
+        set_={name: insert.excluded[name] for name in
+              ("company_id", "provider", "content_type", "usage", "cost", "metadata")})
+
+
+_UPSERT_USAGE = {"postgresql": _upsert_usage(postgresql), "sqlite": _upsert_usage(sqlite)}
