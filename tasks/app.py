@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from celery import Celery
 
 from pipeline.config import Settings
@@ -107,11 +109,18 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-def runtime_of(app):
-    """The process's Runtime, built on first use (after fork, never at import)."""
-    if app._runtime is None:
-        from service.runtime import build_runtime
-        from tasks.chain import CeleryPublisher
+_building = threading.Lock()
 
-        app._runtime = build_runtime(app.settings, publisher=CeleryPublisher(app))
+
+def runtime_of(app):
+    """The process's Runtime, built on first use (after fork, never at import), once:
+    the threads of a threads pool ask at the same moment on their first messages, and
+    each would otherwise build one of its own (an engine, a registry, a publisher)."""
+    if app._runtime is None:
+        with _building:
+            if app._runtime is None:
+                from service.runtime import build_runtime
+                from tasks.chain import CeleryPublisher
+
+                app._runtime = build_runtime(app.settings, publisher=CeleryPublisher(app))
     return app._runtime
