@@ -11,7 +11,7 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, Text, bindparam, exists, select, update
 
-from pipeline import budgets, jobevents, netguard, routing, telemetry, webhooks
+from pipeline import budgets, netguard, routing, telemetry, webhooks
 from pipeline.db import autocommit, iso_utc, new_id, utcnow
 from pipeline.errors import InsufficientCredits, NotFound, ValidationFailed
 from pipeline.pricing import PriceTable
@@ -201,7 +201,10 @@ def dispatch(engine, publisher, job_id, queue: str) -> bool:
         return False
     with autocommit(engine) as conn:
         mark_dispatched(conn, job_id)
-    jobevents.announce(job_id, "queued")
+    # No "queued" wake-up: this runs inside the request that created the job, and nobody
+    # can follow a job before that request has answered with its id (a stream opened
+    # later reads "queued" from the row). The sweeper's relay, which queues jobs others
+    # may be following, announces its own.
     return True
 
 
