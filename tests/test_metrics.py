@@ -137,9 +137,11 @@ def test_worker_and_api_metrics_match_what_ran(empty_pg_database, own_redis_pref
     assert counts[("failed", "INSUFFICIENT_CREDITS")] == 1
 
     def settled_in_worker_metrics():
+        # The job's completion is counted inside its last task, a moment before that task
+        # returns and leaves the running gauge: wait for both.
         got = scrape_worker(pool_port)
         done = total(got, "pipeline_jobs_completed_total")
-        return got if done == completed else None
+        return got if done == completed and total(got, "pipeline_tasks_running") == 0 else None
 
     pool = wait_for(settled_in_worker_metrics, timeout=20, interval=1,
                     message="the worker's completed counter to reach the database's count")
