@@ -343,6 +343,12 @@ def _update_processing(engine, job_id, values: dict, progress: float | None) -> 
     if progress is None:
         with autocommit(engine) as conn:  # one UPDATE, and no event to record with it
             return bool(conn.execute(stmt).rowcount)
+    # Progress only moves forward: when the job already has this much, the beat is a sign
+    # of life and no event (no webhook row, no wake-up for the streams to re-read on).
+    fraction = max(0.0, min(1.0, float(progress)))
+    with autocommit(engine) as conn:
+        if conn.execute(stmt.where(jobs.c.progress >= fraction)).rowcount:
+            return True
     with engine.begin() as conn:
         row = conn.execute(stmt.returning(*jobs.c)).first()
         if row is not None:

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select
 
-from pipeline import budgets, lifecycle, sweeper
+from pipeline import budgets, jobevents, lifecycle, sweeper
 from pipeline.budgets import BudgetExceeded
 from pipeline.errors import InsufficientCredits, NotFound
 from pipeline.jobs import JobRequest, Principal, get_job, submit_job
@@ -235,3 +235,29 @@ def test_reservations_racing_on_one_wallet_never_overdraw(pg_runtime):
     wallet = wallet_of(rt.engine, company.company_id)
     assert (wallet.credits_available, wallet.credits_held) == (0, COST * 10)
     assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def test_a_heartbeat_whose_progress_does_not_move_is_no_event(pg_runtime):
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=1)
+    job_id = _job(rt, company)
+    assert lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)
+    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60) is not None
+    heard = []
+
+    class Recording(jobevents.Announcer):
+        def job_changed(self, job_id, event):
+            heard.append(event)
+
+    previous = jobevents.installed()
+    jobevents.install(Recording())
+    try:
+        for progress in (0.25, 0.25, 0.1, 0.5, 0.5):
+            assert lifecycle.heartbeat(rt.engine, job_id, progress=progress)
+    finally:
+        jobevents.install(previous)
+    assert heard == ["progress", "progress"]  # 0.25 and 0.5; repeats and 0.1 are beats only
+    with rt.engine.connect() as conn:
+        assert get_job(conn, job_id).progress == 0.5
+    lifecycle.fail(rt.engine, job_id, code="X", message="ended")
+    assert not lifecycle.heartbeat(rt.engine, job_id, progress=0.9)  # no longer processing
