@@ -18,14 +18,15 @@ leave at least 16 unknown, and short secrets get no tail at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline.config import SAAS_PROVIDERS
-from pipeline.db import iso_utc, new_id, utcnow
+from pipeline.db import autocommit, iso_utc, new_id, utcnow
 from pipeline.errors import PipelineError, ValidationFailed
 from pipeline.tables import provider_keys
 
@@ -54,7 +55,13 @@ class ProviderKeyUnreadable(PipelineError):
 
 
 def cipher(secrets: tuple[str, ...]) -> MultiFernet:
-    """The cipher for `settings.provider_key_secrets`: the first encrypts, all decrypt."""
+    """The cipher for `settings.provider_key_secrets`: the first encrypts, all decrypt.
+    Made once per set of secrets (a process's settings do not change while it runs)."""
+    return _cipher(tuple(secrets))
+
+
+@functools.lru_cache(maxsize=8)
+def _cipher(secrets: tuple[str, ...]) -> MultiFernet:
     if not secrets:
         raise ValueError("PROVIDER_KEY_SECRETS is empty: provider keys cannot be encrypted")
     return MultiFernet([Fernet(key) for key in secrets])
@@ -146,14 +153,17 @@ def delete_key(engine, company_id, provider: str) -> bool:
     return gone is not None
 
 
+# lookup's read, built once: it runs before every call to a keyed provider.
+_KEY_DATA = select(provider_keys.c.key_data).where(
+    provider_keys.c.company_id == bindparam("company"),
+    provider_keys.c.provider == bindparam("name"))
+
+
 def lookup(engine, cipher: MultiFernet, company_id, provider: str) -> str | None:
     """The decrypted secret for a worker about to call the provider; None when not set."""
-    with engine.connect() as conn:
-        token = conn.execute(
-            select(provider_keys.c.key_data)
-            .where(provider_keys.c.company_id == company_id,
-                   provider_keys.c.provider == provider)
-        ).scalar_one_or_none()
+    with autocommit(engine) as conn:  # one read: no BEGIN and ROLLBACK around it
+        token = conn.execute(_KEY_DATA, {"company": company_id, "name": provider}
+                             ).scalar_one_or_none()
     if token is None:
         return None
     try:
