@@ -319,7 +319,8 @@ def test_openapi_documents_the_header_and_its_errors(client):
 
 
 class SlowPublisher:
-    """Holds the first request inside the view, so concurrent retries find it in flight."""
+    """Holds the first request inside the view, so concurrent retries find it in flight
+    (1 s: at 0.3 s the nine others once all came after it, in a parallel CI run)."""
 
     def __init__(self, inner, delay: float):
         self.inner, self.delay = inner, delay
@@ -333,7 +334,7 @@ class SlowPublisher:
 def slow_server(pg_database, module_redis_prefix, tmp_path_factory):
     """The app on a real threaded HTTP server, its publisher slowed to widen the race."""
     rt = _runtime(tmp_path_factory.mktemp("idem-http"), pg_database, module_redis_prefix,
-                  wrap=lambda publisher: SlowPublisher(publisher, delay=0.3))
+                  wrap=lambda publisher: SlowPublisher(publisher, delay=1.0))
     with serving(create_app(rt)) as url:
         yield rt, url
     rt.engine.dispose()

@@ -78,8 +78,9 @@ def test_keys_survive_an_api_killed_mid_burst(backend, pg_database, own_redis_pr
     sent: dict[str, int] = {}  # key -> request number
     first_answers: dict[str, str] = {}  # key -> jobId, for the requests that got an answer
     # A kill can land when no request sits between its claim and its commit (on SQLite
-    # about one time in five): burst and kill again until a key was left in flight.
-    for burst in range(5):
+    # one time in three to two here, more on a loaded machine: all five bursts missed once
+    # in a parallel CI run): burst and kill again until a key was left in flight.
+    for burst in range(12):
         api = Api(env, port, tmp_path / f"api-burst-{burst}.log")
         _burst_and_kill(api, headers, f"b{burst}", sent, first_answers)
         with rt.engine.connect() as conn:
