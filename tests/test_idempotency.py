@@ -318,23 +318,28 @@ def test_openapi_documents_the_header_and_its_errors(client):
     assert {"409", "422"} <= set(post["responses"])
 
 
-class SlowPublisher:
-    """Holds the first request inside the view, so concurrent retries find it in flight
-    (1 s: at 0.3 s the nine others once all came after it, in a parallel CI run)."""
+class SlowQuote:
+    """Holds the request that claimed the key inside its job's transaction (the quote runs
+    there), so the concurrent retries find the key in flight. A hold after the commit
+    (a slow publish) would not do: the key's answer is stored with the job, and a retry
+    arriving then is answered with it."""
 
     def __init__(self, inner, delay: float):
         self.inner, self.delay = inner, delay
 
-    def publish(self, job_id, queue: str) -> None:
+    def estimate_usage(self, *args, **kwargs):
         time.sleep(self.delay)
-        self.inner.publish(job_id, queue)
+        return self.inner.estimate_usage(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 @pytest.fixture(scope="module")
 def slow_server(pg_database, module_redis_prefix, tmp_path_factory):
-    """The app on a real threaded HTTP server, its publisher slowed to widen the race."""
-    rt = _runtime(tmp_path_factory.mktemp("idem-http"), pg_database, module_redis_prefix,
-                  wrap=lambda publisher: SlowPublisher(publisher, delay=1.0))
+    """The app on a real threaded HTTP server, its quote slowed to widen the race."""
+    rt = _runtime(tmp_path_factory.mktemp("idem-http"), pg_database, module_redis_prefix)
+    rt.registry = SlowQuote(rt.registry, delay=0.5)
     with serving(create_app(rt)) as url:
         yield rt, url
     rt.engine.dispose()
@@ -364,7 +369,7 @@ def test_concurrent_requests_with_one_key_create_one_job(slow_server):
         assert len({r.json()["jobId"] for r in accepted}) == 1
         originals = [r for r in accepted if "Idempotent-Replayed" not in r.headers]
         assert len(originals) == 1
-        # The first request was held in the view: the others found it running.
+        # The first request was held in its transaction: the others found it running.
         assert conflicts
     assert count_jobs(rt.engine, company.company_id) == rounds
 
