@@ -153,7 +153,12 @@ def test_worker_and_api_metrics_match_what_ran(empty_pg_database, own_redis_pref
                  code="INSUFFICIENT_CREDITS") == 1
     assert total(pool, "pipeline_job_duration_seconds_count", status="completed") == completed
     assert total(pool, "pipeline_job_duration_seconds_count", status="failed") == 1
-    assert total(pool, "pipeline_job_queue_wait_seconds_count", queue="local") == completed
+    # A job's queue wait is observed once, by the claim that starts it. The claim commits
+    # on its own, so a process killed between that commit and the observation (the kill
+    # below lands at a random point of a generate step) takes the job's one observation
+    # with it: the redelivered claim is not the first.
+    assert completed - 1 <= total(pool, "pipeline_job_queue_wait_seconds_count",
+                                  queue="local") <= completed
     assert total(pool, "pipeline_task_duration_seconds_count",
                  task="pipeline.finish") >= completed
     # A delivery lost with the killed process runs again: at least one run per job.
