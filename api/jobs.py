@@ -16,7 +16,6 @@ from pipeline import cancel as cancel_uc
 from pipeline import jobs as jobs_uc
 from pipeline import listing, netguard
 from pipeline.db import autocommit
-from pipeline.errors import NotFound
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs",
                 description="Generation jobs: submit, then poll until completed or failed.")
@@ -64,7 +63,7 @@ def parse_job_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": value}) from None
+        raise jobs_uc.job_not_found(value) from None
 
 
 def load_job_view(job_id: str) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flask import current_app
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields
@@ -13,7 +12,7 @@ from marshmallow import Schema, fields
 from api.auth import current_principal, require_admin
 from api.docs import errors
 from api.gate import admin_only
-from api.jobs import parse_job_id
+from api.jobs import parse_job_id, runtime
 from api.schemas import ErrorEnvelope
 from pipeline import provider_keys, webhook_secrets, webhooks
 
@@ -60,12 +59,8 @@ class DeliveryList(Schema):
     deliveries = fields.List(fields.Nested(Delivery))
 
 
-def _runtime():
-    return current_app.extensions["runtime"]
-
-
 def _cipher():
-    return provider_keys.cipher(_runtime().settings.provider_key_secrets)
+    return provider_keys.cipher(runtime().settings.provider_key_secrets)
 
 
 @blp.route("/webhooks/secret")
@@ -81,7 +76,7 @@ class Secret(MethodView):
         holds it can forge webhooks that the receiver would accept.
         """
         principal = require_admin()
-        with _runtime().engine.begin() as conn:
+        with runtime().engine.begin() as conn:
             return webhook_secrets.current(conn, _cipher(), principal.company_id).view()
 
 
@@ -100,7 +95,7 @@ class SecretRotate(MethodView):
         oldest secret at once.
         """
         principal = require_admin()
-        rt = _runtime()
+        rt = runtime()
         grace = timedelta(seconds=rt.settings.webhook_secret_grace_seconds)
         with rt.engine.begin() as conn:
             return webhook_secrets.rotate(conn, _cipher(), principal.company_id,
@@ -120,6 +115,6 @@ class JobDeliveries(MethodView):
         next. Any key of the job's company may read it; another company's job is not
         found. Neither the secret nor the body sent is shown.
         """
-        with _runtime().engine.connect() as conn:
+        with runtime().engine.connect() as conn:
             return {"deliveries": webhooks.delivery_log(
                 conn, parse_job_id(job_id), current_principal().company_id)}

@@ -257,8 +257,13 @@ def get_job(conn, job_id, company_id=None):
     else:
         row = conn.execute(_COMPANY_JOB, {"job_id": job_id, "company_id": company_id}).first()
     if row is None:
-        raise NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": str(job_id)})
+        raise job_not_found(job_id)
     return row
+
+
+def job_not_found(job_id) -> NotFound:
+    """What a job the caller may not see (none, or another company's) is answered with."""
+    return NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": str(job_id)})
 
 
 def job_view(job, storage, link_ttl: int, queue_position: int | None = None) -> dict:

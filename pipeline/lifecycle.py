@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from pipeline import budgets, catalogue, jobevents, ledger, logcontext, telemetry, usage
 from pipeline.db import autocommit, aware_utc, insert_ignore, new_id, utcnow
 from pipeline.errors import NotFound, PipelineError
-from pipeline.jobs import get_job
+from pipeline.jobs import get_job, job_not_found
 from pipeline.pricing import PriceTable
 from pipeline.storage import object_key
 from pipeline.tables import (
@@ -115,9 +115,14 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
         ledger.reserve(conn, wallet_id=job.wallet_id, job_id=job.id,
                        amount=job.estimated_cost, ttl_seconds=ttl_seconds)
     if first:  # this delivery took the hold (a replay found it)
-        telemetry.credits("held", job.provider, job.estimated_cost)
-        log.info("credits held: %s", job.estimated_cost)
+        _held(job)
     return True
+
+
+def _held(job) -> None:
+    """Told once per job, by the delivery that took its hold."""
+    telemetry.credits("held", job.provider, job.estimated_cost)
+    log.info("credits held: %s", job.estimated_cost)
 
 
 # The whole reservation as ONE statement, committed on its own, for a company that has a
@@ -132,12 +137,13 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
 # on the hold's unique job_id or the entry's unique key. A job this statement leaves
 # alone (ended, unknown, budgeted, no wallet) and a failed statement go the
 # transactional path, which tells them apart.
-_RESERVE_AT_ONCE = text("""
+_ENDED = ", ".join(f"'{status}'" for status in TERMINAL_STATUSES)  # constants, not input
+_RESERVE_AT_ONCE = text(f"""
     WITH job AS (
         UPDATE jobs j
         SET reserved_at = COALESCE(j.reserved_at, :now),
             updated_at = CASE WHEN j.reserved_at IS NULL THEN :now ELSE j.updated_at END
-        WHERE j.id = :job_id AND j.status NOT IN ('completed', 'failed', 'cancelled')
+        WHERE j.id = :job_id AND j.status NOT IN ({_ENDED})
           AND (EXISTS (SELECT FROM credit_holds h WHERE h.job_id = :job_id)
                OR (EXISTS (SELECT FROM wallets w WHERE w.company_id = j.company_id)
                    AND NOT EXISTS (SELECT FROM budgets b WHERE b.company_id = j.company_id)))
@@ -179,8 +185,7 @@ def _reserve_at_once(engine, job_id, ttl_seconds: int) -> bool | None:
         return None  # ended, unknown, budgeted or without a wallet: the path below decides
     logcontext.bind_job(job)
     if job.first:
-        telemetry.credits("held", job.provider, job.estimated_cost)
-        log.info("credits held: %s", job.estimated_cost)
+        _held(job)
     return True
 
 
@@ -321,7 +326,7 @@ def _remote_state(remote_id: str | None, progress: float | None) -> dict:
     if remote_id is not None:
         values["remote_id"] = remote_id
     if progress is not None:
-        fraction = max(0.0, min(1.0, float(progress)))
+        fraction = _fraction(progress)
         values["progress"] = case(
             (or_(jobs.c.progress.is_(None), jobs.c.progress < fraction), fraction),
             else_=jobs.c.progress,
@@ -337,6 +342,11 @@ def heartbeat(engine, job_id, *, remote_id: str | None = None,
     return _update_processing(engine, job_id, values, progress)
 
 
+def _fraction(progress: float) -> float:
+    """A provider's progress as stored: a fraction from 0 to 1."""
+    return max(0.0, min(1.0, float(progress)))
+
+
 def _update_processing(engine, job_id, values: dict, progress: float | None) -> bool:
     """Update a processing job; a reported progress is an event. False when not processing."""
     stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status == "processing").values(**values)
@@ -345,9 +355,8 @@ def _update_processing(engine, job_id, values: dict, progress: float | None) -> 
             return bool(conn.execute(stmt).rowcount)
     # Progress only moves forward: when the job already has this much, the beat is a sign
     # of life and no event (no webhook row, no wake-up for the streams to re-read on).
-    fraction = max(0.0, min(1.0, float(progress)))
     with autocommit(engine) as conn:
-        if conn.execute(stmt.where(jobs.c.progress >= fraction)).rowcount:
+        if conn.execute(stmt.where(jobs.c.progress >= _fraction(progress))).rowcount:
             return True
     with engine.begin() as conn:
         row = conn.execute(stmt.returning(*jobs.c)).first()
@@ -488,19 +497,21 @@ def store(engine, storage, job_id) -> bool:
         return True
     with engine.begin() as conn:
         insert_ignore(conn, media_assets, asset, ["job_id"])
-        conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.stored_at.is_(None))
-                     .values(stored_at=utcnow(), preview=preview, result=result,
-                             updated_at=utcnow()))
+        conn.execute(_STORED, {"job_id": job_id, "now": utcnow(), "b_preview": preview,
+                               "b_result": result})
     return True
 
 
-# store's two writes as one statement on PostgreSQL, built once: the media asset (its
-# unique job_id makes a replay add nothing) as a CTE of the job's update.
-_STORE = (
+# store's job update, built once; on PostgreSQL the media asset (its unique job_id makes
+# a replay add nothing) rides in the same statement as a CTE.
+_STORED = (
     update(jobs)
     .where(jobs.c.id == bindparam("job_id"), jobs.c.stored_at.is_(None))
     .values(stored_at=_NOW, preview=bindparam("b_preview"), result=bindparam("b_result"),
             updated_at=_NOW)
+)
+_STORE = (
+    _STORED
     .add_cte(postgresql.insert(media_assets)
              .values(**{name: bindparam(f"a_{name}", type_=media_assets.c[name].type)
                         for name in ("id", "company_id", "job_id", "content_type",
@@ -539,7 +550,7 @@ def settle(engine, job_id) -> bool:
     with engine.begin() as conn:
         job = conn.execute(_SETTLE_READ, {"job_id": job_id}).first()
         if job is None:
-            raise NotFound("JOB_NOT_FOUND", "No such job.", details={"jobId": str(job_id)})
+            raise job_not_found(job_id)
         logcontext.bind_job(job)
         if not _live(job):
             return False
