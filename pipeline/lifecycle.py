@@ -129,9 +129,12 @@ def _held(job) -> None:
 # wallet and no budgets (most): mark the job reserved (the first time kept), which takes
 # its row's lock as the transactional path's first statement does, then, when the job has
 # no hold yet, write the hold, the reservation entry, and last the wallet's move. Each
-# step reads the one before it, so PostgreSQL runs them in that order: the job's lock
-# comes before the wallet's, and the wallet's row, which every reservation on this wallet
-# waits for, is locked only for the last write and the commit. The wallet's CHECK
+# step reads the rows the one before it returns, so PostgreSQL runs them in that order
+# (the move reads the entry, not the hold: otherwise the entry's insert, with its four
+# indexes, may run after the move, inside the wallet's lock; a hold of zero has no entry
+# and leaves the wallet alone). The job's lock comes before the wallet's, and the
+# wallet's row, which every reservation on this wallet waits for, is locked only for
+# the last write and the commit. The wallet's CHECK
 # (credits_available >= 0) is the balance guard: a short wallet fails the statement whole
 # and nothing is written, the mark included. So does a second delivery racing this one,
 # on the hold's unique job_id or the entry's unique key. A job this statement leaves
@@ -160,12 +163,13 @@ _RESERVE_AT_ONCE = text(f"""
         INSERT INTO transactions (id, wallet_id, job_id, type, amount, idempotency_key)
         SELECT :entry_id, hold.wallet_id, job.id, 'reservation', hold.amount,
                'reserve:' || CAST(job.id AS text)
-        FROM job, hold WHERE hold.amount > 0),
+        FROM job, hold WHERE hold.amount > 0
+        RETURNING wallet_id, amount),
     moved AS (
         UPDATE wallets w
-        SET credits_available = w.credits_available - hold.amount,
-            credits_held = w.credits_held + hold.amount, updated_at = :now
-        FROM hold WHERE w.id = hold.wallet_id)
+        SET credits_available = w.credits_available - entry.amount,
+            credits_held = w.credits_held + entry.amount, updated_at = :now
+        FROM entry WHERE w.id = entry.wallet_id)
     SELECT * FROM job""")
 
 
