@@ -25,10 +25,11 @@ def instance_key(provider: str, instance: str) -> str:
     return f"{provider}@{instance}"
 
 
-# Built once: both run on every generate delivery.
+# Built once: both run on every generate delivery (RESET inside the statement that saves
+# the output, on PostgreSQL: lifecycle.save_output).
 _OPEN = select(provider_circuits.c.provider).where(
     provider_circuits.c.opened_until > bindparam("now"))
-_CLOSE = (update(provider_circuits)
+RESET = (update(provider_circuits)
           .where(provider_circuits.c.provider == bindparam("circuit"),
                  provider_circuits.c.consecutive_failures > 0)
           .values(consecutive_failures=0, updated_at=bindparam("now")))
@@ -69,4 +70,4 @@ def record_success(engine, provider: str) -> None:
     # One statement, and usually a write to nothing: the count is only reset when it
     # is not zero already.
     with autocommit(engine) as conn:
-        conn.execute(_CLOSE, {"circuit": provider, "now": utcnow()})
+        conn.execute(RESET, {"circuit": provider, "now": utcnow()})

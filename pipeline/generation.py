@@ -88,24 +88,29 @@ def backoff(tries: int, retry_after: float | None) -> float:
     return min(delay, MAX_BACKOFF_SECONDS * 5)
 
 
-def credentials_for(rt, job) -> dict[str, str]:
+def credentials_for(rt, job, claim: lifecycle.Claim | None = None) -> dict[str, str]:
     """The secret for a job's provider: the company's own key first, else the platform's.
+    A claim that read the company's key brings it (sealed); else it is read here.
 
     Never logged, never stored on the job, never sent through the broker.
     """
     key = None
     if job.provider in catalogue.KEYED:
         cipher = provider_keys.cipher(rt.settings.provider_key_secrets)
-        key = provider_keys.lookup(rt.engine, cipher, job.company_id, job.provider)
+        if claim is not None and claim.key_read:
+            key = provider_keys.unseal(cipher, claim.sealed_key, job.company_id, job.provider)
+        else:
+            key = provider_keys.lookup(rt.engine, cipher, job.company_id, job.provider)
     key = key or rt.settings.provider_env.get(f"{job.provider.upper()}_API_KEY")
     logcontext.never_log(key)  # scrubbed from any line, should a vendor's error echo it
     return {"api_key": key} if key else {}
 
 
-def request_for(rt, job, instance: str | None = None) -> GenerationRequest:
+def request_for(rt, job, instance: str | None = None,
+                claim: lifecycle.Claim | None = None) -> GenerationRequest:
     return GenerationRequest(job_id=str(job.id), content_type=job.content_type,
                              prompt=job.prompt, settings=dict(job.settings or {}),
-                             credentials=credentials_for(rt, job), instance=instance)
+                             credentials=credentials_for(rt, job, claim), instance=instance)
 
 
 def _load(engine, job_id):
@@ -146,9 +151,15 @@ class _Run:
             return circuits.instance_key(self.job.provider, self.instance)
         return self.job.provider
 
-    def healthy_instances(self) -> list[str]:
+    def open_circuits(self) -> set[str] | frozenset[str]:
+        """The open circuits, as the claim read them (on PostgreSQL), else read now."""
+        if self.claim.open_circuits is not None:
+            return self.claim.open_circuits
         with self.engine.connect() as conn:
-            cooling = circuits.open_providers(conn)
+            return circuits.open_providers(conn)
+
+    def healthy_instances(self) -> list[str]:
+        cooling = self.open_circuits()
         return [i for i in self.rt.registry.instances(self.job.provider)
                 if circuits.instance_key(self.job.provider, i) not in cooling]
 
@@ -190,7 +201,7 @@ class _Run:
             instance = self.provider.instance_of(self.remote_id)
             self.lease = leases.acquire(self.engine, self.slots([instance]), self.job.id,
                                         ttl_seconds=self.settings.stale_after_seconds)
-        request = request_for(self.rt, self.job, self.instance)
+        request = request_for(self.rt, self.job, self.instance, self.claim)
         try:
             with Heartbeat(self.engine, self.job.id, lease=self.lease,
                            stale_after_seconds=self.settings.stale_after_seconds) as beat:
@@ -228,8 +239,7 @@ class _Run:
         return None
 
     def _cooling(self) -> set[str]:
-        with self.engine.connect() as conn:
-            return routing.cooling_providers(conn, self.rt.registry)
+        return routing.cooling_among(self.open_circuits(), self.rt.registry)
 
     def call(self, request: GenerationRequest, beat: Heartbeat) -> Outcome:
         """Start or poll the provider; hold the slot and poll here for GPU providers."""
@@ -385,7 +395,9 @@ class _Run:
         delay = 1.0
         while True:
             try:
-                lifecycle.save_output(self.engine, self.rt.storage, self.job, output)
+                lifecycle.save_output(self.engine, self.rt.storage, self.job, output,
+                                      lifecycle.Succeeded(self.attempt, self.remote_id,
+                                                          self.circuit_key()))
                 break
             except Exception as exc:
                 if not getattr(exc, "retryable", False):
@@ -396,8 +408,6 @@ class _Run:
                             self.job.id, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, STORAGE_BACKOFF_MAX)
-        circuits.record_success(self.engine, self.circuit_key())
-        self.finish_attempt("succeeded")
         log.info("output stored: %d bytes of %s", len(output.data), output.mime_type)
         return Continue()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,7 +17,16 @@ from sqlalchemy import and_, bindparam, case, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
-from pipeline import budgets, catalogue, jobevents, ledger, logcontext, telemetry, usage
+from pipeline import (
+    budgets,
+    catalogue,
+    circuits,
+    jobevents,
+    ledger,
+    logcontext,
+    telemetry,
+    usage,
+)
 from pipeline.db import autocommit, aware_utc, insert_ignore, new_id, utcnow
 from pipeline.errors import NotFound, PipelineError
 from pipeline.jobs import get_job, job_not_found
@@ -30,6 +39,8 @@ from pipeline.tables import (
     job_dispatches,
     jobs,
     media_assets,
+    provider_circuits,
+    provider_keys,
     providers,
     wallets,
 )
@@ -48,6 +59,10 @@ class Claim:
     remote_id: str | None
     deadline_at: datetime | None
     attempts: int  # provider starts so far; a poll belongs to the latest one
+    # Read by the claim's own statement on PostgreSQL (None elsewhere: read them then):
+    open_circuits: frozenset[str] | None = None  # providers and instances cooling down
+    sealed_key: str | None = None  # the company's key for the provider, still encrypted
+    key_read: bool = False  # whether sealed_key was read (None then means "no key")
 
     @property
     def fresh_start(self) -> bool:
@@ -214,7 +229,19 @@ _CLAIM = (
             heartbeat_at=_NOW, wake_at=None, updated_at=_NOW)
     .returning(*jobs.c)
 )
-_CLAIM_WITHOUT_WEBHOOK = _CLAIM.where(jobs.c.webhook_url.is_(None))
+# On PostgreSQL the claim also reads what a start reads next, so neither is a round trip
+# of its own: the circuits open at this moment, and the company's sealed key for the
+# job's provider (decrypted by the caller, only when it calls a keyed provider).
+_CLAIM_PG = _CLAIM.returning(
+    select(func.array_agg(provider_circuits.c.provider))
+    .where(provider_circuits.c.opened_until > _NOW)
+    .scalar_subquery().label("open_circuits"),
+    select(provider_keys.c.key_data)
+    .where(provider_keys.c.company_id == jobs.c.company_id,
+           provider_keys.c.provider == jobs.c.provider)
+    .correlate(jobs).scalar_subquery().label("sealed_key"),
+)
+_CLAIM_PG_WITHOUT_WEBHOOK = _CLAIM_PG.where(jobs.c.webhook_url.is_(None))
 
 
 def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
@@ -232,12 +259,13 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
     # statement, committed on its own (no BEGIN and COMMIT around it). A job with one,
     # and a job this leaves alone, take the transaction below.
     row = None
-    if engine.dialect.name == "postgresql":
+    postgres = engine.dialect.name == "postgresql"
+    if postgres:
         with autocommit(engine) as conn:
-            row = conn.execute(_CLAIM_WITHOUT_WEBHOOK, params).first()
+            row = conn.execute(_CLAIM_PG_WITHOUT_WEBHOOK, params).first()
     if row is None:
         with engine.begin() as conn:
-            row = conn.execute(_CLAIM, params).first()
+            row = conn.execute(_CLAIM_PG if postgres else _CLAIM, params).first()
             if row is not None and aware_utc(row.started_at) == now:
                 jobevents.record(conn, row, "processing")
     first = row is not None and aware_utc(row.started_at) == now  # it waited until now
@@ -246,7 +274,11 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
     if first:
         telemetry.job_started(catalogue.queue_for(row.provider), row.queued_at or row.created_at)
         jobevents.announce(row.id, "processing")
-    return Claim(row, row.remote_id, aware_utc(row.deadline_at), row.attempts)
+    claim = Claim(row, row.remote_id, aware_utc(row.deadline_at), row.attempts)
+    if postgres:
+        claim = replace(claim, open_circuits=frozenset(row.open_circuits or ()),
+                        sealed_key=row.sealed_key, key_read=True)
+    return claim
 
 
 # begin_attempt's three statements as one. The count reads the snapshot from before the
@@ -301,10 +333,17 @@ def finish_attempt(engine, job_id, number: int, *, outcome: str, error_code: str
                    error: str | None = None, remote_id: str | None = None) -> None:
     """Record how one provider attempt ended (succeeded, transient, rejected, ...)."""
     with autocommit(engine) as conn:
-        conn.execute(_FINISH_ATTEMPT, {
-            "b_job_id": job_id, "b_number": number, "b_outcome": outcome,
+        conn.execute(_FINISH_ATTEMPT, _attempt_params(
+            job_id, number, outcome=outcome, error_code=error_code, error=error,
+            remote_id=remote_id, finished_at=utcnow()))
+
+
+def _attempt_params(job_id, number: int, *, outcome: str, remote_id: str | None,
+                    finished_at: datetime, error_code: str | None = None,
+                    error: str | None = None) -> dict:
+    return {"b_job_id": job_id, "b_number": number, "b_outcome": outcome,
             "b_error_code": error_code, "b_error": error[:1000] if error else None,
-            "b_finished_at": utcnow(), "b_remote_id": remote_id})
+            "b_finished_at": finished_at, "b_remote_id": remote_id}
 
 
 # finish_attempt's statement, built once; a remote id not given keeps the one recorded.
@@ -411,8 +450,19 @@ def _file_record(data: bytes, mime_type: str, metadata: dict) -> dict:
             "sha256": hashlib.sha256(data).hexdigest(), "metadata": metadata}
 
 
-def save_output(engine, storage, job, output) -> str:
-    """Put the provider's bytes (every file of them) in storage and record where.
+@dataclass(frozen=True)
+class Succeeded:
+    """The provider attempt whose output save_output records: it ended well, and the
+    circuit it ran on (a provider, or a provider's instance) counts no failure now."""
+
+    attempt: int  # 0 when the job counted none (nothing to close)
+    remote_id: str | None
+    circuit: str
+
+
+def save_output(engine, storage, job, output, succeeded: Succeeded | None = None) -> str:
+    """Put the provider's bytes (every file of them) in storage and record where; with
+    `succeeded`, also close that attempt and reset its circuit.
 
     Raises the storage's errors (`StorageError.retryable` says whether to try again);
     puts are idempotent (same key, same bytes), so a retry simply writes them again.
@@ -430,19 +480,35 @@ def save_output(engine, storage, job, output) -> str:
     if extra:
         record["files"] = extra
     now = utcnow()
+    # b_: a key named as a column of a table this updates would become a SET clause.
+    params = {"b_job_id": job.id, "b_output_key": key, "b_output": record, "now": now}
+    postgres = engine.dialect.name == "postgresql"
+    if succeeded is not None and postgres:
+        params.update(_attempt_params(job.id, succeeded.attempt, outcome="succeeded",
+                                      remote_id=succeeded.remote_id, finished_at=now),
+                      circuit=succeeded.circuit)
     with autocommit(engine) as conn:
-        conn.execute(_SAVE_OUTPUT, {"job_id": job.id, "b_output_key": key, "b_output": record,
-                                    "now": now})
+        conn.execute(_SAVE_AND_CLOSE if succeeded is not None and postgres else _SAVE_OUTPUT,
+                     params)
+    if succeeded is not None and not postgres:  # SQLite has no writes inside a WITH
+        circuits.record_success(engine, succeeded.circuit)
+        if succeeded.attempt:
+            finish_attempt(engine, job.id, succeeded.attempt, outcome="succeeded",
+                           remote_id=succeeded.remote_id)
     return key
 
 
 # save_output's record, built once: the first output recorded stays.
 _SAVE_OUTPUT = (
     update(jobs)
-    .where(jobs.c.id == bindparam("job_id"), jobs.c.output_key.is_(None))
+    .where(jobs.c.id == bindparam("b_job_id"), jobs.c.output_key.is_(None))
     .values(output_key=bindparam("b_output_key"), output=bindparam("b_output"),
             heartbeat_at=_NOW, updated_at=_NOW)
 )
+# The same, with the attempt's close and the circuit's reset in its WITH: one statement
+# where the three were three round trips, each still a write on its own row.
+_SAVE_AND_CLOSE = _SAVE_OUTPUT.add_cte(_FINISH_ATTEMPT.cte("attempt"),
+                                       circuits.RESET.cte("circuit"))
 
 
 def arrived_late(job) -> bool:

@@ -164,6 +164,11 @@ def lookup(engine, cipher: MultiFernet, company_id, provider: str) -> str | None
     with autocommit(engine) as conn:  # one read: no BEGIN and ROLLBACK around it
         token = conn.execute(_KEY_DATA, {"company": company_id, "name": provider}
                              ).scalar_one_or_none()
+    return unseal(cipher, token, company_id, provider)
+
+
+def unseal(cipher: MultiFernet, token: str | None, company_id, provider: str) -> str | None:
+    """A stored key_data decrypted (read by lookup, or by the generate step's claim)."""
     if token is None:
         return None
     try:

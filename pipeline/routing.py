@@ -130,7 +130,11 @@ def fallback(conn, registry, routes, job, *, hold_amount, prices) -> str | None:
 
 def cooling_providers(conn, registry) -> set[str]:
     """Providers whose circuit is open; a multi-instance one when every instance's is."""
-    open_keys = circuits.open_providers(conn)
+    return cooling_among(circuits.open_providers(conn), registry)
+
+
+def cooling_among(open_keys, registry) -> set[str]:
+    """cooling_providers for circuits already read (`open_keys`, as open_providers says)."""
     cooling = {key for key in open_keys if "@" not in key}
     for name in registry.names():
         instances = registry.instances(name)
