@@ -9,7 +9,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import report
+from bench import report, stack
 from bench.context import Context
 
 
@@ -45,6 +45,9 @@ def run(*, quick: bool, only: list[str] | None = None, jobs: int | None = None,
             if (only and name not in only) or (quick and not in_quick and not only):
                 continue
             try:
+                waited = stack.quiet(wait_s=0 if quick else 30)
+                if waited >= 1:
+                    ctx.notes.append(f"{name}: waited {waited:.0f} s for autovacuum to finish")
                 result["figures"].update(measure(ctx))
             except Exception as exc:  # one figure failing leaves the others standing
                 log(traceback.format_exc())

@@ -13,9 +13,11 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import requests
 
 from tests.conftest import (
+    PG_ADMIN_URL,
     REDIS_URL,
     ROOT,
     _scratch_database,
@@ -25,7 +27,8 @@ from tests.conftest import (
 )
 
 __all__ = ["REDIS_URL", "ROOT", "Proc", "bench_env", "distributed_env", "gunicorn_api",
-           "rabbitmq_vhost", "runtime_for", "scratch_database", "scratch_prefix", "worker"]
+           "quiet", "rabbitmq_vhost", "runtime_for", "scratch_database", "scratch_prefix",
+           "worker"]
 
 scratch_database = _scratch_database
 scratch_prefix = _scratch_prefix
@@ -47,6 +50,27 @@ def rabbitmq_vhost():
         yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
     finally:
         ctl("delete_vhost", vhost)
+
+
+def quiet(wait_s: float) -> float:
+    """Wait (up to wait_s) until no autovacuum worker runs, then checkpoint: the seconds
+    waited.
+
+    The figures before this one leave dead rows for the autovacuum and WAL for a
+    checkpoint; either, running during this figure, slows its commits. Each figure
+    starts after them instead. A server that refuses CHECKPOINT (the bench's user is not
+    a superuser) is only waited on."""
+    started = time.monotonic()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        while time.monotonic() - started < wait_s:
+            busy = admin.execute("SELECT count(*) FROM pg_stat_activity "
+                                 "WHERE backend_type = 'autovacuum worker'").fetchone()[0]
+            if not busy:
+                break
+            time.sleep(0.5)
+        with contextlib.suppress(psycopg.Error):
+            admin.execute("CHECKPOINT")
+    return time.monotonic() - started
 
 
 # The shipped defaults, whatever the caller's environment says (the workers' " ready."
