@@ -151,9 +151,11 @@ class _Run:
             return circuits.instance_key(self.job.provider, self.instance)
         return self.job.provider
 
-    def open_circuits(self) -> set[str] | frozenset[str]:
-        """The open circuits, as the claim read them (on PostgreSQL), else read now."""
-        if self.claim.open_circuits is not None:
+    def open_circuits(self, *, fresh: bool = False) -> set[str] | frozenset[str]:
+        """The open circuits: before the call, as the claim read them (on PostgreSQL);
+        `fresh` after it, when this call's failure, or another worker's, may have opened
+        one since."""
+        if self.claim.open_circuits is not None and not fresh:
             return self.claim.open_circuits
         with self.engine.connect() as conn:
             return circuits.open_providers(conn)
@@ -238,8 +240,8 @@ class _Run:
                  self.attempt, len(job.prompt))
         return None
 
-    def _cooling(self) -> set[str]:
-        return routing.cooling_among(self.open_circuits(), self.rt.registry)
+    def _cooling(self, *, fresh: bool = False) -> set[str]:
+        return routing.cooling_among(self.open_circuits(fresh=fresh), self.rt.registry)
 
     def call(self, request: GenerationRequest, beat: Heartbeat) -> Outcome:
         """Start or poll the provider; hold the slot and poll here for GPU providers."""
@@ -354,7 +356,7 @@ class _Run:
             lifecycle.release_claim(self.engine, job.id, wake_in=delay)
             return Later(delay, "retry")
         exhausted = self.on_provider >= settings.max_attempts
-        if exhausted or job.provider in self._cooling():
+        if exhausted or job.provider in self._cooling(fresh=True):
             queue = self.fall_back()
             if queue:
                 return Later(0, "fallback", queue)

@@ -9,12 +9,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from pipeline import generation, leases, lifecycle
+from pipeline import circuits, generation, leases, lifecycle
 from pipeline.db import insert_ignore, new_id, utcnow
 from pipeline.jobs import JobRequest, Principal, get_job, submit_job
 from pipeline.provider import Output, Pending
 from pipeline.provider_errors import RejectedError, TransientError
-from pipeline.tables import job_attempts, jobs, providers
+from pipeline.tables import job_attempts, jobs, provider_circuits, provider_keys, providers
 from providers.registry import Registry
 from tests.builders import make_company
 
@@ -119,6 +119,80 @@ def test_a_pending_job_is_polled_later_and_never_started_twice(harness):
     assert _job(rt, job_id).progress == 0.2  # progress never goes back
     assert generation.generate(rt, job_id) == generation.Continue()
     assert (provider.starts, provider.checks, _job(rt, job_id).attempts) == (1, 2, 1)
+
+
+def test_the_claim_brings_the_open_circuits_and_the_companys_sealed_key(harness):
+    rt, job_id = harness(Scripted("sealed", _png()))
+    for _ in range(circuits.THRESHOLD):
+        circuits.record_failure(rt.engine, "elsewhere")
+    job = _job(rt, job_id)
+    with rt.engine.begin() as conn:
+        conn.execute(provider_keys.insert().values(
+            id=new_id(), company_id=job.company_id, provider="sealed", key_data="token-1",
+            fingerprint="f"))
+    claim = lifecycle.claim_generation(rt.engine, job_id, stale_after=60)
+    assert "elsewhere" in claim.open_circuits
+    assert "sealed" not in claim.open_circuits
+    assert (claim.key_read, claim.sealed_key) == (True, "token-1")
+
+
+def test_a_claim_reads_no_key_as_none_and_a_closed_circuit_as_absent(harness):
+    rt, job_id = harness(Scripted("keyless", _png()))
+    claim = lifecycle.claim_generation(rt.engine, job_id, stale_after=60)
+    assert isinstance(claim.open_circuits, frozenset)
+    assert "keyless" not in claim.open_circuits
+    assert (claim.key_read, claim.sealed_key) == (True, None)
+
+
+def test_a_circuit_open_at_the_claim_keeps_the_provider_from_being_started(harness):
+    provider = Scripted("cooling", _png())
+    rt, job_id = harness(provider)
+    for _ in range(circuits.THRESHOLD):
+        circuits.record_failure(rt.engine, "cooling")
+    outcome = generation.generate(rt, job_id)
+    assert isinstance(outcome, generation.Later)
+    assert (outcome.reason, provider.starts, _job(rt, job_id).attempts) == ("retry", 0, 0)
+
+
+def test_the_failure_that_opens_the_circuit_falls_back_in_the_same_delivery(pg_runtime):
+    """The circuits the claim read are for the start; after a failed call they are read
+    again, so the failure that opens a circuit moves its job on at once."""
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=10)
+    down, up = Scripted("route-down", TransientError("down")), Scripted("route-up", _png())
+    with rt.engine.begin() as conn:
+        for name in (down.name, up.name):
+            insert_ignore(conn, providers,
+                          {"id": new_id(), "name": name, "content_types": ["image"],
+                           "pricing": {"image": {"images": "0.5"}}, "config": {}}, ["name"])
+    routes = {**rt.settings.provider_env, "ROUTE_IMAGE": f"{down.name},{up.name}"}
+    own = dataclasses.replace(
+        rt, registry=Registry({down.name: down, up.name: up}),
+        settings=dataclasses.replace(rt.settings, provider_env=routes, max_attempts=5))
+    job = submit_job(own.engine, own.registry,
+                     principal=Principal(company.company_id, company.user_id, None),
+                     req=JobRequest("image", "a boat", {}), max_prompt_length=100,
+                     routes=routes)
+    assert job["provider"] == down.name
+    lifecycle.reserve(own.engine, job["id"], ttl_seconds=600)
+    for _ in range(circuits.THRESHOLD - 1):
+        circuits.record_failure(own.engine, down.name)
+    outcome = generation.generate(own, job["id"])  # its failure is the one that opens it
+    assert (outcome.reason, _job(own, job["id"]).provider) == ("fallback", up.name)
+    assert down.starts == 1
+
+
+def test_the_output_record_closes_the_attempt_and_resets_the_circuit(harness):
+    rt, job_id = harness(Scripted("recovered", _png()))
+    for _ in range(circuits.THRESHOLD - 1):  # failing, not yet open
+        circuits.record_failure(rt.engine, "recovered")
+    assert generation.generate(rt, job_id) == generation.Continue()
+    with rt.engine.connect() as conn:
+        attempt = conn.execute(select(job_attempts).where(job_attempts.c.job_id == job_id)).one()
+        failures = conn.execute(select(provider_circuits.c.consecutive_failures).where(
+            provider_circuits.c.provider == "recovered")).scalar_one()
+    assert (attempt.number, attempt.outcome, failures) == (1, "succeeded", 0)
+    assert attempt.finished_at is not None
 
 
 def test_a_claimed_job_is_busy_for_another_delivery(harness):
