@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
@@ -192,10 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def handle(self) -> None:
-        try:
+        # A client closing its kept-alive connection (a worker stopped) is not news.
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
             super().handle()
-        except (ConnectionResetError, BrokenPipeError):
-            pass  # a client closed its kept-alive connection (a worker stopped): not news
 
     def _handle(self) -> None:
         fake: FakeServer = self.server.fake  # type: ignore[attr-defined]
