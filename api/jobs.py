@@ -14,7 +14,7 @@ from api.docs import errors
 from api.idempotency import IDEMPOTENCY_KEY_DOC, Respond, ViewResult, idempotent, on_job_created
 from pipeline import cancel as cancel_uc
 from pipeline import jobs as jobs_uc
-from pipeline import listing, netguard
+from pipeline import lifecycle, listing, netguard
 from pipeline.db import autocommit
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs",
@@ -35,8 +35,11 @@ def submit(req: jobs_uc.JobRequest, respond: Respond) -> ViewResult:
                              on_created=on_job_created(respond),
                              webhook_guard=netguard.Guard(
                                  allow_private=rt.settings.webhook_allow_private))
+    # The hold at once, one statement: a job held here runs generate and finish only.
+    reserved = lifecycle.reserve_if_covered(rt.engine, job["id"],
+                                            ttl_seconds=rt.settings.hold_timeout_seconds)
     queued = jobs_uc.dispatch(rt.engine, rt.publisher, job["id"],
-                              rt.registry.queue_for(job["provider"]))
+                              rt.registry.queue_for(job["provider"]), reserved=reserved)
     job["status"] = "queued" if queued else "pending"
     return respond(job, queued)
 

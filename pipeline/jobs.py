@@ -87,8 +87,9 @@ def submit_job(engine, registry, *, principal: Principal, req: JobRequest,
     API stores the Idempotency-Key's response there); if it raises, no job is made.
 
     Refuses at once (InsufficientCredits) when the wallet plainly cannot cover the
-    estimate; the binding hold is taken later by the chain's reserve step. Publishing
-    is the caller's job, after this commit.
+    estimate; the binding hold is taken after this commit (the API takes it at once,
+    lifecycle.reserve_if_covered) or by the chain's reserve step. Publishing is the
+    caller's job, after this commit.
 
     `webhook_guard` decides which webhook addresses may be called (the default refuses
     private ones: WEBHOOK_ALLOW_PRIVATE is the caller's to pass).
@@ -185,14 +186,19 @@ def _insert_job(conn, row: dict, queue: str) -> dict:
     return dict(conn.execute(statement, {**params, "queue": queue}).one()._mapping)
 
 
-def dispatch(engine, publisher, job_id, queue: str) -> bool:
+def dispatch(engine, publisher, job_id, queue: str, *, reserved: bool = False) -> bool:
     """Publish a committed job's chain; on a broker failure the outbox row stays unsent.
+    `reserved`: the job's hold is taken already, so its chain starts at generate.
 
     Never raises for broker trouble: the job is safe in the database and the sweeper
-    relays it once the broker is back.
+    relays it once the broker is back (with the whole chain: a reserve step that finds
+    the hold taken does nothing more).
     """
     try:
-        publisher.publish(job_id, queue)
+        if reserved:
+            publisher.publish(job_id, queue, reserved=True)
+        else:
+            publisher.publish(job_id, queue)
     except Exception as exc:
         with engine.begin() as conn:
             record_dispatch_failure(conn, job_id, type(exc).__name__)

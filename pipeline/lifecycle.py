@@ -134,6 +134,19 @@ def reserve(engine, job_id, *, ttl_seconds: int) -> bool:
     return True
 
 
+def reserve_if_covered(engine, job_id, *, ttl_seconds: int) -> bool:
+    """The hold, right after the submit's commit, when one statement can take it: True
+    when the job holds its credits now (its chain needs no reserve step).
+
+    False, with nothing written, whenever the reserve step must decide: a short wallet
+    (it fails the job cleanly), a company with budgets (checked there under their
+    lock), the embedded SQLite database.
+    """
+    if engine.dialect.name != "postgresql":
+        return False
+    return bool(_reserve_at_once(engine, job_id, ttl_seconds))
+
+
 def _held(job) -> None:
     """Told once per job, by the delivery that took its hold."""
     telemetry.credits("held", job.provider, job.estimated_cost)

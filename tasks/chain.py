@@ -1,4 +1,5 @@
 """The job chain, reserve -> generate -> finish (store, then settle), and its publisher.
+A job whose hold the submit took (pipeline.jobs.submit_job) starts at generate.
 
 Store and settle run as one task: each is its own use case and transaction, as before,
 but one message fewer per job (a publish, a delivery and an acknowledgement) on the
@@ -18,18 +19,18 @@ from celery import chain
 from tasks import names
 
 
-def build_chain(app, job_id, generate_queue: str):
+def build_chain(app, job_id, generate_queue: str, *, reserved: bool = False):
+    """The job's chain; `reserved` (its hold taken at submit) leaves the reserve step out."""
     job = str(job_id)
 
     def step(name: str, queue: str):
         return app.signature(name, args=(job,), immutable=True, queue=queue,
                              routing_key=queue)
 
-    return chain(
-        step(names.RESERVE, names.PIPELINE_QUEUE),
-        step(names.GENERATE, generate_queue),
-        step(names.FINISH, names.PIPELINE_QUEUE),
-    ).on_error(step(names.FAIL_AND_REFUND, names.PIPELINE_QUEUE))
+    steps = [step(names.GENERATE, generate_queue), step(names.FINISH, names.PIPELINE_QUEUE)]
+    if not reserved:
+        steps.insert(0, step(names.RESERVE, names.PIPELINE_QUEUE))
+    return chain(*steps).on_error(step(names.FAIL_AND_REFUND, names.PIPELINE_QUEUE))
 
 
 class CeleryPublisher:
@@ -70,7 +71,7 @@ class CeleryPublisher:
                                            thread_name_prefix="broker-publish")
         self._pid = os.getpid()
 
-    def publish(self, job_id, queue: str) -> None:
+    def publish(self, job_id, queue: str, *, reserved: bool = False) -> None:
         deadline = time.monotonic() + self.timeout
         if self._pid != os.getpid():
             # Forked since (a pool built before a fork is not the child's to use).
@@ -81,7 +82,7 @@ class CeleryPublisher:
             raise TimeoutError(f"{self.max_in_flight} publishes still wait on the broker "
                                f"after {self.timeout}s")
         try:
-            sent = self._threads.submit(self._send, job_id, queue)
+            sent = self._threads.submit(self._send, job_id, queue, reserved)
         except BaseException:
             self._slots.release()
             raise
@@ -94,13 +95,13 @@ class CeleryPublisher:
             raise TimeoutError(
                 f"the broker did not take the publish within {self.timeout}s") from None
 
-    def _send(self, job_id, queue: str) -> None:
+    def _send(self, job_id, queue: str, reserved: bool) -> None:
         # A connection, not a producer: chain.apply_async drops `producer` and would
         # publish on the app's pool, whose timeouts are the workers'.
         with self._connections.acquire(block=True) as connection:
             # One quick retry rides over a pooled connection the broker has closed; the
             # socket timeouts bound each try, and the caller's deadline bounds them all.
-            build_chain(self.app, job_id, queue).apply_async(
+            build_chain(self.app, job_id, queue, reserved=reserved).apply_async(
                 connection=connection, retry=True,
                 retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0,
                               "interval_max": 0},

@@ -13,6 +13,7 @@ import requests
 from celery import chain
 
 from api import create_app
+from pipeline import budgets
 from pipeline.config import Settings
 from pipeline.sweeper import sweep
 from service.demo import check_file
@@ -150,9 +151,11 @@ def test_a_chain_published_before_the_finish_step_still_completes(distributed, s
 @pytest.mark.redis
 def test_job_that_cannot_be_reserved_fails_cleanly_and_charges_nothing(distributed,
                                                                        start_worker):
-    """Two jobs pass the fast check, but the wallet covers only one hold."""
+    """Two jobs pass the fast check, but the wallet covers only one hold. (A company with
+    a budget: its holds are taken by the chain's reserve step, not by the submit.)"""
     env, rt, client = distributed
     company = make_company(rt.engine, credits="0.3")
+    budgets.set_budget(rt.engine, company.company_id, period="day", cap="100")
     ids = [client.post("/v1/jobs", headers=auth(company.api_key),
                        json={"contentType": "video", "prompt": "p",
                              "settings": {"duration": 4}}).get_json()["jobId"]
@@ -166,6 +169,24 @@ def test_job_that_cannot_be_reserved_fails_cleanly_and_charges_nothing(distribut
     assert view["actualCost"] is None
     wallet = wallet_of(rt.engine, company.company_id)
     assert wallet.credits_available == Decimal("0.1")
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def test_a_second_job_the_held_wallet_cannot_cover_is_refused_at_submit(distributed,
+                                                                          start_worker):
+    """The submit holds the first job's credits, so the second sees what is left."""
+    env, rt, client = distributed
+    company = make_company(rt.engine, credits="0.3")
+    answers = [client.post("/v1/jobs", headers=auth(company.api_key),
+                           json={"contentType": "video", "prompt": "p",
+                                 "settings": {"duration": 4}}) for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 402]
+    assert answers[1].get_json()["code"] == "INSUFFICIENT_CREDITS"
+    start_worker(env)
+    job_id = answers[0].get_json()["jobId"]
+    assert wait_terminal(rt.engine, [job_id], timeout=120) == {job_id: "completed"}
+    wallet = wallet_of(rt.engine, company.company_id)
+    assert (wallet.credits_available, wallet.credits_held) == (Decimal("0.1"), 0)
     assert_wallet_matches_ledger(rt.engine, company.company_id)
 
 

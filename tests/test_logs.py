@@ -151,9 +151,10 @@ def test_a_job_through_workers_logs_json_bound_to_it_and_fills_the_seed_tables(
         assert record["company_id"] == str(company.company_id)
         assert (record["provider"], record["content_type"]) == ("stability", "image")
         assert record["service"] == "worker"
-    # The other steps carry the job too: reserve and finish (store, settle) logged with it.
+    # The other step carries the job too: finish (store, settle) logged with it. (The
+    # hold was taken by the submit: this job's chain has no reserve step.)
     tasks_seen = {r.get("task") for r in records if r.get("job_id") == done}
-    assert {names.RESERVE, names.GENERATE, names.FINISH} <= tasks_seen
+    assert {names.GENERATE, names.FINISH} <= tasks_seen
     assert "a lighthouse" not in worker.log()  # prompts are counted, never written
 
     rows = rows_of(done)
@@ -161,7 +162,7 @@ def test_a_job_through_workers_logs_json_bound_to_it_and_fills_the_seed_tables(
     assert all((str(r.company_id), r.provider, r.content_type)
                == (str(company.company_id), "stability", "image") for r in rows)
     assert all(r.service == "worker" for r in rows)
-    assert {r.metadata["task"] for r in rows} >= {names.RESERVE, names.GENERATE, names.FINISH}
+    assert {r.metadata["task"] for r in rows} >= {names.GENERATE, names.FINISH}
 
     with rt.engine.connect() as conn:
         table_text = "\n".join(row for table in ("logs", "metrics", "api_usage")

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api import create_app
+from pipeline import budgets
 from pipeline.tables import jobs
 from service.stack import free_port
 from tests.builders import auth, make_company, wait_for, wait_terminal
@@ -59,7 +60,7 @@ def scrape_api(client) -> tuple[dict, str]:
 class FailingPublisher:
     """A broker that is down at submit: the job waits in the outbox for the sweeper."""
 
-    def publish(self, job_id, queue):
+    def publish(self, job_id, queue, *, reserved=False):
         raise ConnectionError("broker down")
 
 
@@ -109,7 +110,9 @@ def test_worker_and_api_metrics_match_what_ran(empty_pg_database, own_redis_pref
 
     ids = [submit(rich, "video", {"duration": 6}) for _ in range(6)]
     ids += [submit(rich, "text", {"maxTokens": 20}) for _ in range(10)]
-    # Both pass the fast check at submit; the wallet holds only one: INSUFFICIENT_CREDITS.
+    # A company with a budget takes its holds in the reserve step, not at submit: both
+    # pass the fast check at submit; the wallet holds only one: INSUFFICIENT_CREDITS.
+    budgets.set_budget(rt.engine, poor.company_id, period="day", cap="100")
     ids += [submit(poor, "video", {"duration": 4}) for _ in range(2)]
     rt.publisher = FailingPublisher()  # the sweeper relays this one (action "dispatched")
     ids.append(submit(rich, "text", {}))
@@ -177,8 +180,6 @@ def test_worker_and_api_metrics_match_what_ran(empty_pg_database, own_redis_pref
         estimated, actual = conn.execute(
             select(func.sum(jobs.c.estimated_cost), func.sum(jobs.c.actual_cost))
             .where(jobs.c.status == "completed")).one()
-    held = total(pool, "pipeline_credits_held_total")
-    assert held == pytest.approx(float(estimated), abs=1e-6)
     assert total(pool, "pipeline_credits_debited_total") == pytest.approx(float(actual),
                                                                           abs=1e-6)
     assert total(pool, "pipeline_credits_released_total") == pytest.approx(
@@ -199,6 +200,11 @@ def test_worker_and_api_metrics_match_what_ran(empty_pg_database, own_redis_pref
         return got if total(got, "pipeline_ledger_audit_last_run_timestamp_seconds") else None
 
     api = wait_for(audited, timeout=20, interval=1, message="a ledger audit in /metrics")
+    # Holds are taken by the submit (this process, the API) or by the reserve step (the
+    # poor company's, with its budget): together, every completed job's estimate.
+    held = total(pool, "pipeline_credits_held_total") + total(
+        api, "pipeline_credits_held_total") - total(before, "pipeline_credits_held_total")
+    assert held == pytest.approx(float(estimated), abs=1e-6)
     assert total(api, "pipeline_jobs_submitted_total") - total(
         before, "pipeline_jobs_submitted_total") == len(ids)
     assert total(api, "pipeline_jobs_submitted_total", provider="local",

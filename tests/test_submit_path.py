@@ -1,23 +1,27 @@
 """The submit and read paths' database work: how many statements a POST and a GET send
-(each one a round trip), and that the one-read quote keeps the checks it replaced."""
+(each one a round trip), that the one-read quote keeps the checks it replaced, and the
+hold a submit takes when the wallet covers it."""
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 import psycopg.pq
 import pytest
 from sqlalchemy import event, select
 
 from api import create_app
-from pipeline import budgets, tables
-from tests.builders import auth, make_company
+from pipeline import budgets, lifecycle, tables
+from tests.builders import assert_wallet_matches_ledger, auth, make_company, wallet_of
 from tests.conftest import distributed_env, runtime_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 IDLE = psycopg.pq.TransactionStatus.IDLE
 
-# BEGIN, the quote, the job with its outbox row, COMMIT; the key's read; the mark.
-SUBMIT_STATEMENTS = 6
+# The key's read; BEGIN, the quote, the job with its outbox row, COMMIT; the hold (one
+# statement on its own); the mark.
+SUBMIT_STATEMENTS = 7
 # The key's read, the job's, and its queue position (the job is still queued).
 GET_STATEMENTS = 3
 
@@ -94,3 +98,55 @@ def test_budget_still_refuses_and_unpriced_provider_still_400(api):
     assert answer.status_code == 400, answer.get_json()
     with runtime.engine.connect() as conn:
         assert conn.execute(select(tables.jobs.c.id)).first() is None
+
+
+def _post(client, company, **body):
+    return client.post("/v1/jobs", headers=auth(company.api_key),
+                       json={"contentType": "video", "provider": "local", "prompt": "p",
+                             "settings": {"duration": 4}, **body})
+
+
+def _job_and_hold(runtime, job_id):
+    with runtime.engine.connect() as conn:
+        job = conn.execute(select(tables.jobs).where(tables.jobs.c.id == job_id)).one()
+        hold = conn.execute(select(tables.credit_holds)
+                            .where(tables.credit_holds.c.job_id == job_id)).first()
+    return job, hold
+
+
+def test_the_submit_takes_the_hold_when_the_wallet_covers_it(api):
+    runtime, client = api
+    company = make_company(runtime.engine, credits="0.3", name="held")
+    answer = _post(client, company)  # a 4 s video on local: 0.2
+    assert answer.status_code == 202, answer.get_json()
+    job_id = answer.get_json()["jobId"]
+    job, hold = _job_and_hold(runtime, job_id)
+    assert job.reserved_at is not None
+    assert (hold.status, hold.amount) == ("open", job.estimated_cost)
+    wallet = wallet_of(runtime.engine, company.company_id)
+    assert (wallet.credits_held, wallet.credits_available) == (Decimal("0.2"), Decimal("0.1"))
+    # The reserve step of a whole chain (the sweeper's relay, a chain queued before the
+    # upgrade) finds the hold and takes nothing more.
+    assert lifecycle.reserve(runtime.engine, job.id, ttl_seconds=600)
+    assert wallet_of(runtime.engine, company.company_id) == wallet
+    assert_wallet_matches_ledger(runtime.engine, company.company_id)
+    # What is left (0.1) plainly cannot cover another: refused at once, nothing written.
+    again = _post(client, company)
+    assert (again.status_code, again.get_json()["code"]) == (402, "INSUFFICIENT_CREDITS")
+    with runtime.engine.connect() as conn:
+        assert conn.execute(select(tables.jobs.c.id)
+                            .where(tables.jobs.c.company_id == company.company_id)
+                            ).scalars().all() == [job.id]
+
+
+def test_a_company_with_budgets_is_held_by_the_reserve_step(api):
+    """The budgets are checked under their lock by the chain's reserve step; the submit
+    takes no hold for such a company, and its chain keeps that step."""
+    runtime, client = api
+    company = make_company(runtime.engine, credits=5, name="budgeted")
+    budgets.set_budget(runtime.engine, company.company_id, period="day", cap="100")
+    answer = _post(client, company)
+    assert answer.status_code == 202, answer.get_json()
+    job, hold = _job_and_hold(runtime, answer.get_json()["jobId"])
+    assert (job.reserved_at, hold) == (None, None)
+    assert wallet_of(runtime.engine, company.company_id).credits_held == 0

@@ -37,7 +37,7 @@ class RecordingPublisher:
         self.delay, self.fail, self.during = delay, fail, during
         self._lock = threading.Lock()
 
-    def publish(self, job_id, queue: str) -> None:
+    def publish(self, job_id, queue: str, *, reserved: bool = False) -> None:
         if self.fail:
             raise ConnectionError("broker down")
         if self.during is not None:

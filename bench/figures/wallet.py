@@ -1,5 +1,6 @@
 """The hot wallet: reservations per second on ONE wallet from 8 threads, the reserve use
-case (pipeline.lifecycle.reserve) against the raw conditional UPDATE it is built on."""
+case (pipeline.lifecycle.reserve: the one statement the API runs after a submit, or the
+chain's reserve step) against the raw conditional UPDATE it is built on."""
 
 from __future__ import annotations
 
@@ -104,8 +105,9 @@ def measure(ctx: Context) -> dict:
         "reservations/s", ours, raw, reference_name="raw conditional UPDATE",
         target="ratio >= 0.5", met=lambda f: f["ratio"]["median"] >= 0.5,
         extra={"settings": {"threads": THREADS, "wallets": 1, "per_repetition": count,
-                            "use_case": "pipeline.lifecycle.reserve (lock job, budgets, "
-                                        "hold row, wallet UPDATE, ledger entry)"}})}
+                            "use_case": "pipeline.lifecycle.reserve (job mark, hold row, "
+                                        "ledger entry, wallet UPDATE: one statement), as "
+                                        "the API runs it after a submit"}})}
 
 
 def _new_pending(engine, template, company, count: int) -> list:
