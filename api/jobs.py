@@ -36,8 +36,8 @@ def submit(req: jobs_uc.JobRequest, respond: Respond) -> ViewResult:
                              webhook_guard=netguard.Guard(
                                  allow_private=rt.settings.webhook_allow_private))
     # The hold at once, one statement: a job held here runs generate and finish only.
-    reserved = lifecycle.reserve_if_covered(rt.engine, job["id"],
-                                            ttl_seconds=rt.settings.hold_timeout_seconds)
+    reserved = rt.settings.hold_at_submit and lifecycle.reserve_if_covered(
+        rt.engine, job["id"], ttl_seconds=rt.settings.hold_timeout_seconds)
     queued = jobs_uc.dispatch(rt.engine, rt.publisher, job["id"],
                               rt.registry.queue_for(job["provider"]), reserved=reserved)
     job["status"] = "queued" if queued else "pending"

@@ -159,6 +159,9 @@ class Settings:
     link_ttl_seconds: int = 3600
     # A hold must outlive the longest a job can take: queue wait + provider time + retries.
     hold_timeout_seconds: int = 3600
+    # The API takes a job's hold right after the submit commits (one statement), and the
+    # job's chain is then generate -> finish; off, every job's chain starts with reserve.
+    hold_at_submit: bool = True
     # How long a job may show no sign of life before the sweeper re-drives it. A live
     # worker renews the heartbeat every stale_after/5 seconds during provider calls,
     # uploads and GPU polls, so staleness means "the worker is gone", not "the call is slow".
@@ -271,6 +274,8 @@ class Settings:
             "max_prompt_length": number("MAX_PROMPT_LENGTH", 4000),
             "link_ttl_seconds": number("LINK_TTL_SECONDS", 3600),
             "hold_timeout_seconds": number("HOLD_TIMEOUT_SECONDS", 3600),
+            "hold_at_submit": env.get("HOLD_AT_SUBMIT", "").strip().lower()
+            not in ("0", "false", "no", "off"),
             "stale_after_seconds": number("STALE_AFTER_SECONDS", 60),
             "requeue_after_seconds": number("REQUEUE_AFTER_SECONDS", 600),
             "storage_retry_seconds": number("STORAGE_RETRY_SECONDS", 300),

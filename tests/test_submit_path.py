@@ -150,3 +150,25 @@ def test_a_company_with_budgets_is_held_by_the_reserve_step(api):
     job, hold = _job_and_hold(runtime, answer.get_json()["jobId"])
     assert (job.reserved_at, hold) == (None, None)
     assert wallet_of(runtime.engine, company.company_id).credits_held == 0
+
+
+def test_with_hold_at_submit_off_the_reserve_step_takes_every_hold(empty_pg_database,
+                                                                    own_redis_prefix,
+                                                                    tmp_path):
+    env = distributed_env(tmp_path, empty_pg_database, own_redis_prefix,
+                          storage_url=f"file://{tmp_path}/store", RATE_LIMITS_ENABLED="0",
+                          HOLD_AT_SUBMIT="0")
+    runtime = runtime_for(env)
+    try:
+        assert runtime.settings.hold_at_submit is False
+        company = make_company(runtime.engine, credits="0.3", name="off")
+        client = create_app(runtime).test_client()
+        answers = [_post(client, company) for _ in range(2)]
+        # No hold yet: the second passes the fast check too, and its reserve step decides.
+        assert [a.status_code for a in answers] == [202, 202]
+        for answer in answers:
+            job, hold = _job_and_hold(runtime, answer.get_json()["jobId"])
+            assert (job.reserved_at, hold) == (None, None)
+        assert wallet_of(runtime.engine, company.company_id).credits_held == 0
+    finally:
+        runtime.engine.dispose()
