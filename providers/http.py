@@ -146,14 +146,18 @@ class HttpClient:
         self.timeout = timeout
         # Shared by every company: credentials go on each request, never on the session.
         self.session = session or _session()
-        # The environment's proxy and CA bundle settings for this host, read once. Left to
-        # itself, requests reads them on every call (each *_proxy variable, NO_PROXY, the
-        # netrc file): a third of its own CPU per call. A session handed in keeps its own.
-        self._environment = {}
+        # Calls to the vendor's own host go on a session that does not read the
+        # environment, with the proxy and CA bundle settings read once for that host.
+        # Left to itself, requests reads them on every call (each *_proxy variable,
+        # NO_PROXY, the netrc file): a third of its own CPU per call. Other hosts (signed
+        # download URLs, and where they redirect) keep `session`, which reads them per
+        # call as before, as does a session handed in.
+        self._api_session, self._environment = self.session, {}
         if session is None:
             self._environment = self.session.merge_environment_settings(
                 self.base_url, {}, None, None, None)
-            self.session.trust_env = False
+            self._api_session = _session()
+            self._api_session.trust_env = False
         self.describe = describe
         self.codes = codes or {}
         self.statuses = statuses or {}
@@ -166,17 +170,20 @@ class HttpClient:
         self, method: str, path: str, *, allow: Iterable[int] = (), **kwargs: Any
     ) -> requests.Response:
         """Call `path` (or an absolute URL); non-2xx statuses not in `allow` raise our error."""
-        url = path if path.startswith(("http://", "https://")) else self.base_url + path
+        own_host = not path.startswith(("http://", "https://"))
+        url = self.base_url + path if own_host else path
         secrets = _secrets(kwargs.get("headers"))
         where = _where(url)
         # requests drops only Authorization on a redirect to another host; an x-api-key
         # header would follow it anywhere. Calls carrying a key do not follow redirects.
         kwargs.setdefault("allow_redirects", not secrets)
-        for name, value in self._environment.items():
-            kwargs.setdefault(name, value)
+        session = self._api_session if own_host else self.session
+        if own_host:
+            for name, value in self._environment.items():
+                kwargs.setdefault(name, value)
         started = time.monotonic()
         try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            response = session.request(method, url, timeout=self.timeout, **kwargs)
         except CONFIGURATION_ERRORS as exc:
             raise NotConfiguredError(
                 redact(f"{self.provider}: {type(exc).__name__} for {where}", secrets),
