@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, case, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pipeline import (
     budgets,
@@ -138,13 +138,19 @@ def reserve_if_covered(engine, job_id, *, ttl_seconds: int) -> bool:
     """The hold, right after the submit's commit, when one statement can take it: True
     when the job holds its credits now (its chain needs no reserve step).
 
-    False, with nothing written, whenever the reserve step must decide: a short wallet
-    (it fails the job cleanly), a company with budgets (checked there under their
-    lock), the embedded SQLite database.
+    False whenever the reserve step must decide: a short wallet (it fails the job
+    cleanly), a company with budgets (checked there under their lock), the embedded
+    SQLite database, and a database that failed the statement (the job is committed
+    already: its request must not fail now; a hold taken after all is found there).
     """
     if engine.dialect.name != "postgresql":
         return False
-    return bool(_reserve_at_once(engine, job_id, ttl_seconds))
+    try:
+        return bool(_reserve_at_once(engine, job_id, ttl_seconds))
+    except OperationalError as exc:
+        log.warning("job %s: no hold at submit (%s); the reserve step takes it", job_id,
+                    type(exc).__name__)
+        return False
 
 
 def _held(job) -> None:

@@ -9,6 +9,7 @@ from decimal import Decimal
 import psycopg.pq
 import pytest
 from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
 
 from api import create_app
 from pipeline import budgets, lifecycle, tables
@@ -172,3 +173,23 @@ def test_with_hold_at_submit_off_the_reserve_step_takes_every_hold(empty_pg_data
         assert wallet_of(runtime.engine, company.company_id).credits_held == 0
     finally:
         runtime.engine.dispose()
+
+
+def test_a_database_error_after_the_commit_leaves_the_hold_to_the_reserve_step(api,
+                                                                              monkeypatch):
+    """The job is committed when the hold is tried: a failure there is no failed POST."""
+    runtime, client = api
+    company = make_company(runtime.engine, credits=5, name="blip")
+
+    def blip(*args, **kwargs):
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(lifecycle, "_reserve_at_once", blip)
+    answer = _post(client, company)
+    assert answer.status_code == 202, answer.get_json()
+    job, hold = _job_and_hold(runtime, answer.get_json()["jobId"])
+    assert (job.status, job.reserved_at, hold) == ("queued", None, None)
+    monkeypatch.undo()
+    # Its chain is whole: the reserve step takes the hold.
+    assert lifecycle.reserve(runtime.engine, job.id, ttl_seconds=600)
+    assert _job_and_hold(runtime, job.id)[1].status == "open"
