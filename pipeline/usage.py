@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline.db import aware_utc, new_id
@@ -37,16 +37,21 @@ def record_finished(conn, job, *, status: str, finished_at, cost=Decimal(0),
     replaced = replace and conn.execute(
         update(metrics).where(metrics.c.name == JOB_FINISHED, metrics.c.job_id == job.id)
         .values(value=seconds, labels=labels, timestamp=finished_at)).rowcount
+    row = {"id": new_id(), "job_id": job.id, "company_id": job.company_id,
+           "provider": job.provider, "content_type": job.content_type, "usage": usage or {},
+           "cost": cost,
+           "metadata": {"status": status, **({"errorCode": error_code} if error_code else {}),
+                        **(note or {})}}
+    metric = {"id": new_id(), "name": JOB_FINISHED, "value": seconds, "labels": labels,
+              "job_id": job.id, "timestamp": finished_at}
+    if not replaced and conn.dialect.name == "postgresql":
+        # Both rows in one statement: the metrics row's INSERT in the upsert's WITH.
+        conn.execute(_UPSERT_USAGE_WITH_METRIC,
+                     {**row, **{f"m_{name}": value for name, value in metric.items()}})
+        return
     if not replaced:
-        conn.execute(metrics.insert(), {"id": new_id(), "name": JOB_FINISHED, "value": seconds,
-                                        "labels": labels, "job_id": job.id,
-                                        "timestamp": finished_at})
-    conn.execute(_UPSERT_USAGE[conn.dialect.name], {
-        "id": new_id(), "job_id": job.id, "company_id": job.company_id,
-        "provider": job.provider, "content_type": job.content_type, "usage": usage or {},
-        "cost": cost,
-        "metadata": {"status": status, **({"errorCode": error_code} if error_code else {}),
-                     **(note or {})}})
+        conn.execute(metrics.insert(), metric)
+    conn.execute(_UPSERT_USAGE[conn.dialect.name], row)
 
 
 def _upsert_usage(dialect):
@@ -60,3 +65,9 @@ def _upsert_usage(dialect):
 
 
 _UPSERT_USAGE = {"postgresql": _upsert_usage(postgresql), "sqlite": _upsert_usage(sqlite)}
+# m_: the metrics row's values, named apart from api_usage's columns (a parameter named as
+# one of the upsert's columns would be taken for that column's value).
+_UPSERT_USAGE_WITH_METRIC = _UPSERT_USAGE["postgresql"].add_cte(
+    metrics.insert().values({name: bindparam(f"m_{name}", type_=metrics.c[name].type)
+                             for name in ("id", "name", "value", "labels", "job_id",
+                                          "timestamp")}).cte("metric"))
