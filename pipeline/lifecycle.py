@@ -546,7 +546,24 @@ def _live(job) -> bool:
 
 def store(engine, storage, job_id) -> bool:
     """Register the stored output as a media asset with its preview. False if done already."""
-    job = _job(engine, job_id)
+    return _store(engine, storage, _job(engine, job_id))
+
+
+def finish(engine, storage, job_id) -> bool:
+    """store() then settle() (the finish task), reading the job once for both: settle's
+    read (the job, its prices, its open hold) serves store too. A plain read, as it is
+    inside settle's transaction: settle's completion is a compare-and-set on what it read.
+    """
+    with autocommit(engine) as conn:
+        job = conn.execute(_SETTLE_READ, {"job_id": job_id}).first()
+    if job is None:
+        raise job_not_found(job_id)
+    _store(engine, storage, job)
+    return settle(engine, job_id, read=job)
+
+
+def _store(engine, storage, job) -> bool:
+    job_id = job.id
     logcontext.bind_job(job)
     if job.stored_at is not None or not _live(job):
         return False
@@ -634,16 +651,21 @@ _COMPLETE = (
 )
 
 
-def settle(engine, job_id) -> bool:
-    """Debit the actual cost, release the rest, complete the job: one transaction."""
+def settle(engine, job_id, *, read=None) -> bool:
+    """Debit the actual cost, release the rest, complete the job: one transaction.
+
+    `read`: the job as _SETTLE_READ returned it to finish(), which stored its output since
+    (so that row's stored_at may still be empty).
+    """
     with engine.begin() as conn:
-        job = conn.execute(_SETTLE_READ, {"job_id": job_id}).first()
+        job = read if read is not None else conn.execute(_SETTLE_READ,
+                                                         {"job_id": job_id}).first()
         if job is None:
             raise job_not_found(job_id)
         logcontext.bind_job(job)
         if not _live(job):
             return False
-        if job.stored_at is None:
+        if job.stored_at is None and read is None:
             raise RuntimeError(f"job {job_id} reached settle before store")
         output_usage = job.output.get("usage", {})
         cost = PriceTable({job.provider: job.prices or {}}).cost(

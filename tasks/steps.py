@@ -77,8 +77,7 @@ def register(app) -> None:
     @app.task(name=names.FINISH, shared=False, base=JobTask, bind=True, max_retries=None,
               **retry_storage)
     def finish(self, job_id):
-        lifecycle.store(self.runtime.engine, self.runtime.storage, job_id)
-        lifecycle.settle(self.runtime.engine, job_id)
+        lifecycle.finish(self.runtime.engine, self.runtime.storage, job_id)
 
     @app.task(name=names.STORE, shared=False, base=JobTask, bind=True, max_retries=None,
               **retry_storage)

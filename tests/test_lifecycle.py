@@ -121,6 +121,32 @@ def test_every_step_replayed_after_completion_changes_nothing(pg_runtime):
     assert_wallet_matches_ledger(rt.engine, company.company_id)
 
 
+def test_finish_stores_and_settles_once_and_finishes_a_stored_job(pg_runtime):
+    """The finish task's use case: one read for store and settle; a replay changes
+    nothing; a job stored by an earlier delivery that died before settling settles."""
+    rt = pg_runtime
+    company = make_company(rt.engine, credits=1)
+    first, second = _job(rt, company), _job(rt, company)
+    for job_id in (first, second):
+        lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)
+        assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60) is not None
+        _save(rt, job_id)
+    assert lifecycle.finish(rt.engine, rt.storage, first)
+    assert not lifecycle.finish(rt.engine, rt.storage, first)
+    assert lifecycle.store(rt.engine, rt.storage, second)  # then the delivery died
+    assert lifecycle.finish(rt.engine, rt.storage, second)
+    for job_id in (first, second):
+        with rt.engine.connect() as conn:
+            job = get_job(conn, job_id)
+        assert (job.status, job.actual_cost, job.stored_at is not None) == (
+            "completed", COST, True)
+        assert job.result["key"] == job.output_key
+        assert _entries(rt, job_id) == [("debit", COST), ("reservation", COST)]
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+    with pytest.raises(NotFound):
+        lifecycle.finish(rt.engine, rt.storage, uuid.uuid4())
+
+
 # reserve() on PostgreSQL: one statement for a company without budgets
 
 

@@ -1,7 +1,8 @@
 """Database round trips per job, by step: every statement, every BEGIN, COMMIT and
 ROLLBACK the driver sends, and every pool pre-ping, counted in-process while one text
 job on the local provider goes through the API (Flask's test client, the submit taking
-the hold), generate, store and settle, then is read back. Broker and Redis calls are not counted."""
+the hold), generate, and finish (store, then settle), then is read back. Broker and
+Redis calls are not counted."""
 
 from __future__ import annotations
 
@@ -69,10 +70,8 @@ def count_one_job(runtime, client, company) -> tuple[Counter, Counter]:
     # No reserve step: the submit took the hold (the job's chain starts at generate).
     counter.phase = "generate"
     generation.generate(runtime, job_id)
-    counter.phase = "store"
-    lifecycle.store(engine, runtime.storage, job_id)
-    counter.phase = "settle"
-    assert lifecycle.settle(engine, job_id)
+    counter.phase = "finish"  # store, then settle: the finish task's use case
+    assert lifecycle.finish(engine, runtime.storage, job_id)
     counter.phase = "api_get"
     answer = client.get(f"/v1/jobs/{job_id}", headers=auth(company.api_key))
     assert answer.get_json()["status"] == "completed", answer.get_json()
@@ -94,7 +93,7 @@ def measure(ctx: Context) -> dict:
             counts, checkouts = count_one_job(runtime, client, company)
         finally:
             runtime.engine.dispose()
-    phases = ["api_submit", "generate", "store", "settle", "api_get"]
+    phases = ["api_submit", "generate", "finish", "api_get"]
     total = sum(counts[p] for p in phases)
     ctx.log("  " + ", ".join(f"{p} {counts[p]}" for p in phases) + f"; total {total}")
     return {"round_trips_per_job": figure(
