@@ -195,10 +195,7 @@ def dispatch(engine, publisher, job_id, queue: str, *, reserved: bool = False) -
     the hold taken does nothing more).
     """
     try:
-        if reserved:
-            publisher.publish(job_id, queue, reserved=True)
-        else:
-            publisher.publish(job_id, queue)
+        publisher.publish(job_id, queue, reserved=reserved)
     except Exception as exc:
         with engine.begin() as conn:
             record_dispatch_failure(conn, job_id, type(exc).__name__)

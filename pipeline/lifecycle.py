@@ -62,11 +62,16 @@ class Claim:
     # Read by the claim's own statement on PostgreSQL (None elsewhere: read them then):
     open_circuits: frozenset[str] | None = None  # providers and instances cooling down
     sealed_key: str | None = None  # the company's key for the provider, still encrypted
-    key_read: bool = False  # whether sealed_key was read (None then means "no key")
 
     @property
     def fresh_start(self) -> bool:
         return self.remote_id is None
+
+    @property
+    def key_read(self) -> bool:
+        """Whether the claim's statement read the company's key (both reads or neither):
+        then a None sealed_key means the company has none."""
+        return self.open_circuits is not None
 
 
 def _job(engine, job_id):
@@ -296,7 +301,7 @@ def claim_generation(engine, job_id, *, stale_after: int) -> Claim | None:
     claim = Claim(row, row.remote_id, aware_utc(row.deadline_at), row.attempts)
     if postgres:
         claim = replace(claim, open_circuits=frozenset(row.open_circuits or ()),
-                        sealed_key=row.sealed_key, key_read=True)
+                        sealed_key=row.sealed_key)
     return claim
 
 

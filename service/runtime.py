@@ -19,8 +19,7 @@ from pipeline.storage import Storage, open_storage
 
 class Publisher(Protocol):
     """Hands a committed job's chain to the broker; raises on failure, never blocks long.
-    `reserved` (passed only when true): the job's hold is taken, its chain starts at
-    generate."""
+    `reserved`: the job's hold is taken, its chain starts at generate."""
 
     def publish(self, job_id, queue: str, *, reserved: bool = False) -> None: ...
 

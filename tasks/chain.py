@@ -1,5 +1,6 @@
 """The job chain, reserve -> generate -> finish (store, then settle), and its publisher.
-A job whose hold the submit took (pipeline.jobs.submit_job) starts at generate.
+A job whose hold the API took at submit (pipeline.lifecycle.reserve_if_covered) starts at
+generate.
 
 Store and settle run as one task: each is its own use case and transaction, as before,
 but one message fewer per job (a publish, a delivery and an acknowledgement) on the
