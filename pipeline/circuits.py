@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from pipeline.db import autocommit, aware_utc, insert_ignore, utcnow
 from pipeline.tables import provider_circuits
@@ -37,6 +37,19 @@ RESET = (update(provider_circuits)
 
 def open_providers(conn) -> set[str]:
     return set(conn.execute(_OPEN, {"now": utcnow()}).scalars())
+
+
+def closes_in(engine, keys: list[str]) -> float:
+    """Seconds until the first of these circuits closes again; 0 when one is not open."""
+    now = utcnow()
+    with autocommit(engine) as conn:
+        row = conn.execute(
+            select(func.count(), func.min(provider_circuits.c.opened_until))
+            .where(provider_circuits.c.provider.in_(keys),
+                   provider_circuits.c.opened_until > now)).one()
+    if row[0] < len(set(keys)):
+        return 0.0
+    return max((aware_utc(row[1]) - now).total_seconds(), 0.0)
 
 
 def record_failure(engine, provider: str, *, threshold: int = THRESHOLD,

@@ -54,6 +54,8 @@ OPERATOR_CODES = frozenset({"PROVIDER_QUOTA_EXHAUSTED", "PROVIDER_AUTH_FAILED",
                             "PROVIDER_KEY_UNREADABLE", "PROVIDER_NOT_CONFIGURED"})
 MAX_BACKOFF_SECONDS = 120.0
 STORAGE_BACKOFF_MAX = 30.0
+# The jobs that waited out an open circuit come back over this many seconds after it closes.
+REOPEN_SPREAD_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -356,7 +358,8 @@ class _Run:
             lifecycle.release_claim(self.engine, job.id, wake_in=delay)
             return Later(delay, "retry")
         exhausted = self.on_provider >= settings.max_attempts
-        if exhausted or job.provider in self._cooling(fresh=True):
+        cooling = job.provider in self._cooling(fresh=True)
+        if exhausted or cooling:
             queue = self.fall_back()
             if queue:
                 return Later(0, "fallback", queue)
@@ -364,10 +367,22 @@ class _Run:
             return self.fail("PROVIDER_UNAVAILABLE",
                              f"{message} (gave up after {self.on_provider} tries)")
         delay = backoff(self.on_provider, retry_after)
+        if cooling:
+            # Nothing is asked of it before its circuit closes: one wake-up then, not one
+            # every second or two of the cooldown (each a claim, a release and a retry).
+            delay = max(delay, self.until_closed())
         log.warning("job %s: transient provider error (%s), retrying in %.1f s", job.id,
                     message, delay)
         lifecycle.release_claim(self.engine, job.id, wake_in=delay)
         return Later(delay, "retry")
+
+    def until_closed(self) -> float:
+        """Seconds until the job's provider takes calls again (any one of its instances),
+        plus up to REOPEN_SPREAD_SECONDS, so the jobs that waited do not all call at once."""
+        provider = self.job.provider
+        keys = [circuits.instance_key(provider, instance)
+                for instance in self.rt.registry.instances(provider)] or [provider]
+        return circuits.closes_in(self.engine, keys) + random.uniform(0, REOPEN_SPREAD_SECONDS)
 
     def fall_back(self) -> str | None:
         """Move the job to the next provider its route allows; that provider's queue."""

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from pipeline import circuits, generation, leases, lifecycle
-from pipeline.db import insert_ignore, new_id, utcnow
+from pipeline.db import aware_utc, insert_ignore, new_id, utcnow
 from pipeline.jobs import JobRequest, Principal, get_job, submit_job
 from pipeline.provider import Output, Pending
 from pipeline.provider_errors import RejectedError, TransientError
@@ -152,6 +152,29 @@ def test_a_circuit_open_at_the_claim_keeps_the_provider_from_being_started(harne
     outcome = generation.generate(rt, job_id)
     assert isinstance(outcome, generation.Later)
     assert (outcome.reason, provider.starts, _job(rt, job_id).attempts) == ("retry", 0, 0)
+    # It comes back as the circuit closes (not every second or two of the cooldown),
+    # and the sweeper's wake-up agrees.
+    cooldown, spread = circuits.COOLDOWN_SECONDS, generation.REOPEN_SPREAD_SECONDS
+    assert cooldown - 5 < outcome.countdown <= cooldown + spread
+    wake_in = (aware_utc(_job(rt, job_id).wake_at) - utcnow()).total_seconds()
+    assert abs(wake_in - outcome.countdown) < 2
+
+
+def test_a_job_waiting_on_instances_comes_back_when_the_first_closes(harness):
+    provider = Scripted("pair", _png(), instances=["http://gpu-a", "http://gpu-b"])
+    rt, job_id = harness(provider)
+    keys = [circuits.instance_key("pair", url) for url in provider.instances()]
+    with rt.engine.begin() as conn:
+        for key, seconds in zip(keys, (40, 12), strict=True):
+            insert_ignore(conn, provider_circuits, {"provider": key}, ["provider"])
+            conn.execute(update(provider_circuits).where(provider_circuits.c.provider == key)
+                         .values(opened_until=utcnow() + timedelta(seconds=seconds)))
+    assert 10 < circuits.closes_in(rt.engine, keys) <= 12
+    assert circuits.closes_in(rt.engine, [*keys, "pair@http://gpu-c"]) == 0  # one is closed
+    outcome = generation.generate(rt, job_id)
+    assert isinstance(outcome, generation.Later)
+    assert provider.starts == 0
+    assert 10 < outcome.countdown <= 12 + generation.REOPEN_SPREAD_SECONDS
 
 
 def test_the_failure_that_opens_the_circuit_falls_back_in_the_same_delivery(pg_runtime):
