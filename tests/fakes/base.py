@@ -96,6 +96,13 @@ class ThreadedServer:
         self.stop()
 
 
+class _Listener(ThreadingHTTPServer):
+    # A vendor's front door takes a burst of new connections: a SaaS node's first wave
+    # opens one per thread, 100 at once. socketserver listens with a backlog of 5, and a
+    # burst past it was refused now and then (a ConnectionError no real vendor gives).
+    request_queue_size = 1024
+
+
 class FakeServer(ThreadedServer):
     """Routes requests to `handle_<name>` methods, unless a scripted behaviour is queued first.
 
@@ -117,7 +124,7 @@ class FakeServer(ThreadedServer):
         self.stopping = threading.Event()
         self._scripted: dict[str, deque[Behaviour]] = defaultdict(deque)
         self._compiled = [(m, re.compile(p), n) for m, p, n in self.routes]
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        self._httpd = _Listener((host, port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False  # a handler sleeping past a client timeout is fine
         self._httpd.fake = self  # type: ignore[attr-defined]
