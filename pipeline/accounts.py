@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from pipeline import ledger
 from pipeline.db import autocommit, new_id, utcnow
@@ -55,6 +55,12 @@ def _insert_key(conn, company_id, user_id, name: str, scope: str) -> str:
     return secret
 
 
+# Built once: every authenticated request runs it.
+_KEY_BY_HASH = select(api_keys.c.id, api_keys.c.company_id, api_keys.c.user_id,
+                      api_keys.c.scope, api_keys.c.revoked_at).where(
+    api_keys.c.key_hash == bindparam("key_hash"))
+
+
 def authenticate(engine, secret: str | None) -> Principal:
     """The principal behind a presented key; Unauthorized for a missing, unknown or revoked one."""
     if secret is None:
@@ -64,11 +70,7 @@ def authenticate(engine, secret: str | None) -> Principal:
     # A read alone (no BEGIN, no ROLLBACK): it runs on every request. Not cached, so a
     # revoked key is refused on its next request, in every API process.
     with autocommit(engine) as conn:
-        row = conn.execute(
-            select(api_keys.c.id, api_keys.c.company_id, api_keys.c.user_id, api_keys.c.scope,
-                   api_keys.c.revoked_at)
-            .where(api_keys.c.key_hash == hash_api_key(secret))
-        ).first()
+        row = conn.execute(_KEY_BY_HASH, {"key_hash": hash_api_key(secret)}).first()
     if row is None or row.revoked_at is not None:
         raise Unauthorized("Invalid API key.")
     return Principal(row.company_id, row.user_id, row.id, row.scope)
