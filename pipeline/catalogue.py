@@ -25,6 +25,11 @@ class ProviderInfo:
     # cancelled (<NAME>_DEADLINE_SECONDS overrides). Real video renders take minutes to an
     # hour; synchronous calls are bounded by their HTTP timeouts instead.
     deadline_seconds: int = 3600
+    # Its generate task also stores and settles the job (the finish step's work) and drops
+    # the chain's finish step: the provider runs inside the worker's own process and its
+    # whole call costs less than handing the job to the pipeline queue. A provider node's
+    # threads and a GPU slot are left for provider calls, so theirs stays a step.
+    finishes_in_place: bool = False
 
 
 CATALOGUE: tuple[ProviderInfo, ...] = (
@@ -37,7 +42,8 @@ CATALOGUE: tuple[ProviderInfo, ...] = (
     ProviderInfo("heygen", "saas.heygen", "providers.heygen:HeyGenProvider", keyed=True),
     ProviderInfo("comfyui", "gpu.comfyui", "providers.comfyui:ComfyUIProvider",
                  holds_slot=True, deadline_seconds=1800),
-    ProviderInfo("local", "local", "providers.local:LocalProvider", deadline_seconds=600),
+    ProviderInfo("local", "local", "providers.local:LocalProvider", deadline_seconds=600,
+                 finishes_in_place=True),
 )
 BY_NAME = {info.name: info for info in CATALOGUE}
 

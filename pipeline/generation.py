@@ -60,7 +60,10 @@ REOPEN_SPREAD_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Continue:
-    """The output is in storage (now or by an earlier delivery): go on to the store step."""
+    """The output is in storage (now or by an earlier delivery): go on to store and settle,
+    in this task when `here` (the provider's catalogue entry: finishes_in_place)."""
+
+    here: bool = False
 
 
 @dataclass(frozen=True)
@@ -426,7 +429,7 @@ class _Run:
                 time.sleep(delay)
                 delay = min(delay * 2, STORAGE_BACKOFF_MAX)
         log.info("output stored: %d bytes of %s", len(output.data), output.mime_type)
-        return Continue()
+        return Continue(catalogue.info_for(self.job.provider).finishes_in_place)
 
     def storage_exhausted(self, exc: Exception) -> Outcome:
         """Storage stayed down. A remote job's output can be fetched again later (polling
@@ -449,8 +452,8 @@ def generate(rt, job_id) -> Outcome:
     if claim is None:  # not claimable: find out why
         job = _load(rt.engine, job_id)
         logcontext.bind_job(job)
-        if job.output_key is not None:
-            return Continue()  # done by an earlier delivery: store and settle find their work
+        if job.output_key is not None:  # done by an earlier delivery: finish it
+            return Continue(catalogue.info_for(job.provider).finishes_in_place)
         if job.status in TERMINAL_STATUSES:
             if job.remote_id:  # a remote job still running for a job that ended
                 _cancel_for_ended(rt, job)

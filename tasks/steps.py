@@ -42,10 +42,32 @@ def run_generate(task, job_id) -> None:
         raise Ignore() from None
     if isinstance(outcome, generation.Stop):
         raise Ignore()
+    if isinstance(outcome, generation.Continue) and outcome.here:
+        finish_here(task, job_id)
     if isinstance(outcome, generation.Later):
         options = {"queue": outcome.queue, "routing_key": outcome.queue} if outcome.queue else {}
         # max_retries is None on this task: our own counters and deadlines bound it.
         raise task.retry(countdown=outcome.countdown, **options)
+
+
+def finish_here(task, job_id) -> None:
+    """The finish step's work in this task, and the chain's finish step dropped.
+
+    Whatever fails here leaves the finish step in the chain, to run on the pipeline queue
+    as it would have: store and settle are idempotent, and its retries wait out a
+    database or an object store that is down. A delivery lost after this finished finds
+    the job finished and runs nothing again.
+    """
+    try:
+        lifecycle.finish(task.runtime.engine, task.runtime.storage, job_id)
+    except Exception as exc:
+        log.warning("job %s: finishing in place failed (%s); the finish step takes it",
+                    job_id, type(exc).__name__)
+        return
+    chain = task.request.chain
+    # The chain travels in the message, its next step last.
+    if chain and chain[-1].get("task") == names.FINISH:
+        task.request.chain = chain[:-1]
 
 
 def register(app) -> None:

@@ -57,7 +57,7 @@ def distributed(pg_database, redis_prefix, s3_server, tmp_path):
 @pytest.mark.redis
 def test_every_content_type_completes_on_postgres_redis_and_s3(distributed, start_worker):
     env, rt, client = distributed
-    start_worker(env)
+    worker = start_worker(env)
     company = make_company(rt.engine, credits=20)
     ids = {}
     for ctype, (prompt, settings) in JOBS.items():
@@ -88,6 +88,10 @@ def test_every_content_type_completes_on_postgres_redis_and_s3(distributed, star
     assert wallet.credits_held == 0
     assert wallet.credits_used == spent
     assert_wallet_matches_ledger(rt.engine, company.company_id)
+    # The local provider's jobs are stored and settled by their generate task: the hold
+    # was taken at submit, so each job was one task, and no finish step was published.
+    assert worker.log().count(f"{names.GENERATE}[") >= len(JOBS)
+    assert f"{names.FINISH}[" not in worker.log()
 
 
 @pytest.mark.postgres

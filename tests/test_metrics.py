@@ -162,11 +162,13 @@ def test_worker_and_api_metrics_match_what_ran(empty_pg_database, own_redis_pref
     # with it: the redelivered claim is not the first.
     assert completed - 1 <= total(pool, "pipeline_job_queue_wait_seconds_count",
                                   queue="local") <= completed
+    # A local job is stored and settled by its generate task (no finish step published).
     assert total(pool, "pipeline_task_duration_seconds_count",
-                 task="pipeline.finish") >= completed
+                 task="pipeline.generate") >= completed
     # A delivery lost with the killed process runs again: at least one run per job.
-    assert total(pool, "pipeline_tasks_total", task="pipeline.finish",
+    assert total(pool, "pipeline_tasks_total", task="pipeline.generate",
                  state="success") >= completed
+    assert total(pool, "pipeline_tasks_total", task="pipeline.finish") == 0
     assert total(pool, "pipeline_provider_requests_total", provider="local", operation="start",
                  outcome="ok") >= completed
     assert total(pool, "pipeline_provider_request_seconds_count",
