@@ -361,7 +361,8 @@ class _Run:
             lifecycle.release_claim(self.engine, job.id, wake_in=delay)
             return Later(delay, "retry")
         exhausted = self.on_provider >= settings.max_attempts
-        cooling = job.provider in self._cooling(fresh=True)
+        # Read only when it can matter: an exhausted job falls back or fails either way.
+        cooling = not exhausted and job.provider in self._cooling(fresh=True)
         if exhausted or cooling:
             queue = self.fall_back()
             if queue:
