@@ -4,7 +4,7 @@ In this order, so a caller without a key learns nothing from a validation messag
 
 1. Authentication (401) for every endpoint outside the public blueprints, then the
    admin scope (403) for views marked `admin_only`. The rate limits of the key and its
-   company (429, api/limits.py) are checked just before this gate, by flask-limiter's
+   company (429, api/limits.py) are checked just before this gate, by the limiter's
    own hook, once the key is known.
 2. The body of a POST, PUT or PATCH: at most MAX_BODY_BYTES (413, chunked bodies too),
    JSON (415 otherwise), valid UTF-8 and JSON, nested at most MAX_DEPTH deep, whole
