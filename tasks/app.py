@@ -7,7 +7,7 @@ import threading
 from celery import Celery
 
 from pipeline.config import Settings
-from tasks import filesystem_broker, names
+from tasks import filesystem_broker, names, redis_broker
 
 
 def broker_options(settings: Settings) -> dict:
@@ -27,6 +27,7 @@ def broker_options(settings: Settings) -> dict:
             "polling_interval": 0.1,
         }
     if url.startswith(("redis", "rediss")):
+        redis_broker.install()  # one redis-py client per channel, not one per command
         import celeryconfig
         from tasks.steps import generate_time_limit
 
