@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import String, func, literal, or_, select
+from sqlalchemy import String, bindparam, func, literal, or_, select
 
 from pipeline.errors import ValidationFailed
 from pipeline.status import WAITING_STATUSES
@@ -111,12 +111,13 @@ def queue_positions(conn, rows) -> dict:
     for provider in sorted({r.provider for r in waiting}):
         mine = [r for r in waiting if r.provider == provider]
         if len(mine) == 1:
-            positions[mine[0].id] = min(1 + _count(conn, _ahead(mine[0])),
-                                        QUEUE_POSITION_CAP)
+            ahead = conn.execute(_AHEAD_OF_ONE, {"job_id": mine[0].id,
+                                                 "provider": provider}).scalar_one()
+            positions[mine[0].id] = min(1 + ahead, QUEUE_POSITION_CAP)
             continue
         newest = max(mine, key=lambda r: (_aware(r.created_at), r.id))
         line = conn.execute(
-            _ahead(newest, inclusive=True)
+            _waiting_before(provider, newest.id, inclusive=True)
             .order_by(jobs.c.created_at, jobs.c.id).limit(QUEUE_POSITION_CAP)
         ).scalars().all()
         place = {job_id: n for n, job_id in enumerate(line, start=1)}
@@ -128,19 +129,22 @@ def queue_position(conn, job) -> int | None:
     return queue_positions(conn, [job]).get(job.id)
 
 
-def _ahead(job, *, inclusive: bool = False):
-    """The waiting jobs of `job`'s provider created before it (and it, if inclusive)."""
+def _waiting_before(provider, job_id, *, inclusive: bool = False):
+    """The provider's waiting jobs created before the job (and it, if inclusive)."""
     # The job's own stored timestamp, compared in the database (see list_jobs).
-    created = select(_anchor.c.created_at).where(_anchor.c.id == job.id).scalar_subquery()
-    tie = jobs.c.id <= job.id if inclusive else jobs.c.id < job.id
+    created = select(_anchor.c.created_at).where(_anchor.c.id == job_id).scalar_subquery()
+    tie = jobs.c.id <= job_id if inclusive else jobs.c.id < job_id
     return select(jobs.c.id).where(
-        jobs.c.provider == job.provider, jobs.c.status.in_(WAITING_STATUSES),
+        jobs.c.provider == provider, jobs.c.status.in_(WAITING_STATUSES),
         jobs.c.created_at <= created, or_(jobs.c.created_at < created, tie))
 
 
-def _count(conn, stmt) -> int:
-    capped = stmt.limit(QUEUE_POSITION_CAP - 1).subquery()
-    return conn.execute(select(func.count()).select_from(capped)).scalar_one()
+# How many waiting jobs are ahead of one job (capped), built once: every GET of a
+# waiting job reads it, and building it per request was 0.4-0.5 ms of that GET's 2.5-3
+# ms of CPU.
+_AHEAD_OF_ONE = select(func.count()).select_from(
+    _waiting_before(bindparam("provider"), bindparam("job_id"))
+    .limit(QUEUE_POSITION_CAP - 1).subquery())
 
 
 def _aware(value: datetime) -> datetime:
