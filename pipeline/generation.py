@@ -65,6 +65,11 @@ class Continue:
 
     here: bool = False
 
+    @classmethod
+    def after(cls, provider: str) -> Continue:
+        """Go on after this provider's output: here when its catalogue entry says so."""
+        return cls(here=catalogue.info_for(provider).finishes_in_place)
+
 
 @dataclass(frozen=True)
 class Stop:
@@ -430,7 +435,7 @@ class _Run:
                 time.sleep(delay)
                 delay = min(delay * 2, STORAGE_BACKOFF_MAX)
         log.info("output stored: %d bytes of %s", len(output.data), output.mime_type)
-        return Continue(catalogue.info_for(self.job.provider).finishes_in_place)
+        return Continue.after(self.job.provider)
 
     def storage_exhausted(self, exc: Exception) -> Outcome:
         """Storage stayed down. A remote job's output can be fetched again later (polling
@@ -454,7 +459,7 @@ def generate(rt, job_id) -> Outcome:
         job = _load(rt.engine, job_id)
         logcontext.bind_job(job)
         if job.output_key is not None:  # done by an earlier delivery: finish it
-            return Continue(catalogue.info_for(job.provider).finishes_in_place)
+            return Continue.after(job.provider)
         if job.status in TERMINAL_STATUSES:
             if job.remote_id:  # a remote job still running for a job that ended
                 _cancel_for_ended(rt, job)
