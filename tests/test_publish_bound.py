@@ -7,9 +7,6 @@ answers nothing, as a stopped (SIGSTOP) Redis or RabbitMQ does, or a black hole 
 
 from __future__ import annotations
 
-import select
-import socket
-import socketserver
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,69 +27,11 @@ from tests.builders import (
     wallet_of,
 )
 from tests.conftest import REDIS_URL, distributed_env, runtime_for
-from tests.fakes.base import ThreadedServer
+from tests.fakes.tcp_proxy import TcpProxy
 
 BOUND = 1.0  # PUBLISH_TIMEOUT_SECONDS in these tests
 MARGIN = 1.5  # the request's own work (two short transactions) on a loaded machine
 JOB = {"contentType": "text", "prompt": "hi", "providerName": "local"}
-
-
-class BrokerProxy(ThreadedServer):
-    """Relays TCP to a broker, or, held, accepts connections and never answers.
-
-    Bytes caught by a hold are relayed once forwarding resumes, as a stopped broker
-    reads them when it is continued.
-    """
-
-    def __init__(self, upstream: tuple[str, int]):
-        self.upstream = upstream
-        self._forwarding = threading.Event()  # clear: held
-        self._closing = threading.Event()
-        self._httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Relay)
-        self._httpd.daemon_threads = True
-        self._httpd.block_on_close = False
-        self._httpd.proxy = self  # type: ignore[attr-defined]
-
-    @property
-    def port(self) -> int:
-        return self._httpd.server_address[1]
-
-    def hold(self) -> None:
-        self._forwarding.clear()
-
-    def forward(self) -> None:
-        self._forwarding.set()
-
-    def wait_forwarding(self) -> bool:
-        """Block while held; False once the proxy is stopping."""
-        while not self._forwarding.wait(0.1):
-            if self._closing.is_set():
-                return False
-        return not self._closing.is_set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._closing.is_set()
-
-    def stop(self) -> None:
-        self._closing.set()
-        super().stop()
-
-
-class _Relay(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        proxy: BrokerProxy = self.server.proxy  # type: ignore[attr-defined]
-        if not proxy.wait_forwarding():
-            return
-        with socket.create_connection(proxy.upstream, timeout=10) as upstream:
-            peers = {self.request: upstream, upstream: self.request}
-            while not proxy.stopping:
-                readable, _, _ = select.select(list(peers), [], [], 0.1)
-                for sock in readable:
-                    data = sock.recv(65536)
-                    if not data or not proxy.wait_forwarding():
-                        return
-                    peers[sock].sendall(data)
 
 
 def timed_submit(client, key: str):
@@ -124,7 +63,7 @@ def assert_pending_within_bound(resp, elapsed: float) -> str:
 def redis_proxy():
     """A proxy to the tests' Redis, held until the test says otherwise."""
     redis_url = urlsplit(REDIS_URL)
-    with BrokerProxy((redis_url.hostname, redis_url.port or 6379)) as proxy:
+    with TcpProxy((redis_url.hostname, redis_url.port or 6379)) as proxy:
         yield proxy
 
 
@@ -175,7 +114,7 @@ def test_a_hung_redis_costs_a_submit_the_bound_and_the_jobs_run_once_it_answers(
 @pytest.mark.postgres
 def test_a_hung_rabbitmq_costs_a_submit_the_bound(api_stack, rabbitmq_url):
     vhost = rabbitmq_url.rsplit("/", 1)[1]
-    with BrokerProxy(("127.0.0.1", 5672)) as proxy:
+    with TcpProxy(("127.0.0.1", 5672)) as proxy:
         _env, _rt, client, company = api_stack(
             5, CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}",
             PUBLISH_TIMEOUT_SECONDS=BOUND)

@@ -18,6 +18,7 @@ from service.runtime import build_runtime
 from service.stack import free_port
 from tests.builders import auth, make_company
 from tests.conftest import REDIS_URL
+from tests.fakes.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -102,6 +103,27 @@ def test_an_unreachable_limiter_storage_never_fails_a_request(api_stack):
     _env, _runtime, client, company = api_stack(5, RATE_LIMIT_STORAGE_URL=closed,
                                                 RATE_LIMIT_PER_KEY="100/minute")
     assert _spend(client, company.api_key, 5) == [200] * 5
+
+
+def test_a_storage_outage_counts_in_memory_until_redis_answers_again(api_stack):
+    """Redis behind a proxy that goes silent: the requests meanwhile are served and
+    counted in the process's memory; after the back-off the shared count is used again."""
+    with TcpProxy(("127.0.0.1", 6379)) as proxy:
+        proxy.forward()
+        _env, _runtime, client, company = api_stack(
+            5, RATE_LIMIT_STORAGE_URL=f"redis://127.0.0.1:{proxy.port}/0",
+            RATE_LIMIT_PER_KEY="4/minute")
+        assert _spend(client, company.api_key, 3) == [200] * 3  # 1 left in Redis
+        proxy.hold()
+        during = client.get(WALLET, headers=auth(company.api_key))
+        assert during.status_code == 200
+        assert during.headers["RateLimit-Remaining"] == "3"  # a fresh count, in memory
+        proxy.forward()
+        time.sleep(1.2)  # the first back-off is 1 s
+        # Redis has the 3 from before (and maybe the held request's, relayed late): its
+        # count, not memory's 1 more, decides now.
+        statuses = _spend(client, company.api_key, 2)
+        assert statuses[-1] == 429, statuses
 
 
 def test_the_embedded_mode_limits_in_memory(tmp_path):
