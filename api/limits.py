@@ -11,8 +11,9 @@ one with a key counts even when the gate then refuses its scope (403) or its bod
 limited.
 
 The hooks call `limits` straight, not through flask-limiter: its per-request bookkeeping
-(the limits resolved, filtered and wrapped for every request) cost more API CPU than the
-three storage round trips (about 1.1 ms a request against 0.45; README, Performance).
+(the limits resolved, filtered and wrapped for every request) cost 0.7-0.8 ms more API
+CPU per request than this, more than the three storage round trips themselves (README,
+Rate limits).
 
 The hot path costs three storage round trips per authenticated request: one per budget
 (the sliding-window counter's acquire is one Lua call) and one to read the window of the
