@@ -74,6 +74,20 @@ def _generating(gauge_file: Path) -> bool:
                and sample.labels.get("task") == "pipeline.generate")
 
 
+def _runs_ffmpeg(pid: int) -> bool:
+    """Whether the process has an ffmpeg child: a video render whose output is not stored
+    yet."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                              check=False).stdout.split()
+    for child in children:
+        try:
+            if b"ffmpeg" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return True
+        except OSError:  # ended meanwhile
+            continue
+    return False
+
+
 def _db_counts(engine) -> dict[tuple[str, str | None], int]:
     with engine.connect() as conn:
         rows = conn.execute(select(jobs.c.status, jobs.c.error_code, func.count())
@@ -117,14 +131,18 @@ def test_worker_and_api_metrics_match_what_ran(empty_pg_database, own_redis_pref
     rt.publisher = FailingPublisher()  # the sweeper relays this one (action "dispatched")
     ids.append(submit(rich, "text", {}))
 
-    # Kill a pool process mid-run: one that has finished tasks and now renders a video
-    # (its own metric files say so).
+    # Kill a pool process mid-run: one that has finished tasks (its own metric files say
+    # so) and now renders a video, its ffmpeg still running. A local job finishes in its
+    # generate task, so the generate gauge alone also covers the store and settle after
+    # the render: a kill there, after the settle's commit and before the completion is
+    # counted, would lose that count with the process.
     folder = tmp_path / "var" / "metrics" / f"pool@{socket.gethostname()}.{worker.proc.pid}"
 
     def rendering():
         return next((pid for pid in worker.child_pids()
                      if (folder / f"counter_{pid}.db").exists()
-                     and _generating(folder / f"gauge_livesum_{pid}.db")), None)
+                     and _generating(folder / f"gauge_livesum_{pid}.db")
+                     and _runs_ffmpeg(pid)), None)
 
     victim = wait_for(rendering, timeout=60, interval=0.02, message="a process rendering")
     os.kill(victim, signal.SIGKILL)
