@@ -112,7 +112,6 @@ def install(app, settings: Settings) -> RateLimiter | None:
     limiter = RateLimiter(settings)
     app.before_request(limiter.check)
     app.after_request(limiter.add_headers)
-    app.extensions["rate_limiter"] = limiter
     return limiter
 
 

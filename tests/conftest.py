@@ -191,6 +191,13 @@ def pg_runtime(pg_database, tmp_path_factory):
     runtime.engine.dispose()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process (procps' pgrep)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                         check=False).stdout
+    return [int(p) for p in out.split()]
+
+
 class Worker:
     """A real Celery worker in a subprocess, with its log kept for failure messages."""
 
@@ -221,9 +228,7 @@ class Worker:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def child_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
-                             text=True, check=False).stdout
-        return [int(p) for p in out.split()]
+        return child_pids(self.proc.pid)
 
     def stop(self, timeout: float = 20) -> None:
         if self.proc.poll() is None:

@@ -20,7 +20,7 @@ from cryptography.fernet import Fernet
 from pipeline.config import Settings, read_dotenv
 from service.stack import free_port
 from tests.builders import wait_for
-from tests.conftest import ROOT
+from tests.conftest import ROOT, child_pids
 
 SERVICES = ("DATABASE_URL", "CELERY_BROKER_URL", "STORAGE_URL", "S3_ENDPOINT_URL", "PUBLIC_URL",
             "SECRET_KEY", "PROVIDER_KEY_SECRETS", "PIPELINE_DATA_DIR", "PIPELINE_ENV_FILE")
@@ -142,9 +142,7 @@ def test_pipeline_run_stops_its_worker_and_beat_on_sigterm(tmp_path):
 
         wait_for(up, timeout=90, message="the API, the worker and beat")
         # The worker runs in a process group of its own; beat is a process inside it.
-        groups = [int(pid) for pid in subprocess.run(
-            ["pgrep", "-P", str(run.pid)], capture_output=True, text=True,
-            check=False).stdout.split()]
+        groups = child_pids(run.pid)
         assert len(groups) == 1
         assert len(_group(groups[0])) >= 2
 

@@ -26,7 +26,7 @@ from pipeline import budgets
 from pipeline.tables import jobs
 from service.stack import free_port
 from tests.builders import auth, make_company, wait_for, wait_terminal
-from tests.conftest import REDIS_URL, ROOT, distributed_env, runtime_for
+from tests.conftest import REDIS_URL, ROOT, child_pids, distributed_env, runtime_for
 
 OPS = ROOT / "ops"
 TOKEN = "metrics-test-token"
@@ -77,9 +77,7 @@ def _generating(gauge_file: Path) -> bool:
 def _runs_ffmpeg(pid: int) -> bool:
     """Whether the process has an ffmpeg child: a video render whose output is not stored
     yet."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
-                              check=False).stdout.split()
-    for child in children:
+    for child in child_pids(pid):
         try:
             if b"ffmpeg" in Path(f"/proc/{child}/cmdline").read_bytes():
                 return True
