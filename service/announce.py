@@ -14,8 +14,10 @@ A message is only `<job id> <event>`; listeners read the job itself from the dat
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ POSTGRES_CHANNEL = "pipeline_job_events"
 # (or stopped without closing its sockets) would otherwise cost every job step a timeout.
 # Listeners re-read their jobs on each keep-alive, so a skipped wake-up only delays.
 QUIET_AFTER_FAILURE_SECONDS = 30.0
+# What a process's exit waits, at most, for its queued wake-ups to go out.
+FLUSH_AT_EXIT_SECONDS = 1.0
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -93,35 +97,79 @@ class _Quiet:
 
 
 class RedisAnnouncer(Announcer):
-    """PUBLISH on the deployment's channel. Its client is made on first use in each
-    process (a forked worker never shares its parent's sockets)."""
+    """PUBLISH on the deployment's channel, from one sender thread per process.
+
+    `job_changed` only puts the message on the sender's queue: a job step never waits for
+    Redis, and a hundred SaaS threads do not each take a pooled connection for a wake-up
+    (measured on a SaaS node at concurrency 100: 8% of its interpreter time went to that,
+    ahead of each provider call). The sender takes whatever has queued since its last
+    send and publishes it as one pipelined round trip, in order. The thread and its
+    client are made on first use in each process (a forked worker never shares its
+    parent's sockets), and at exit the sender is given `FLUSH_AT_EXIT_SECONDS` to send
+    what is still queued."""
+
+    BATCH = 500
 
     def __init__(self, url: str, channel: str, timeout: float):
         self.url = url
         self.channel = channel
         self.timeout = timeout
-        self._client = None
+        self._queue: queue.SimpleQueue | None = None
         self._pid = None
         self._lock = threading.Lock()
         self._quiet = _Quiet("Redis")
 
-    def _client_here(self):
-        with self._lock:
-            if self._client is None or self._pid != os.getpid():
-                import redis
-
-                self._client = redis.Redis.from_url(
-                    self.url, socket_connect_timeout=self.timeout, socket_timeout=self.timeout)
-                self._pid = os.getpid()
-            return self._client
-
     def job_changed(self, job_id, event: str) -> None:
         if self._quiet.closed():
             return
-        try:
-            self._client_here().publish(self.channel, encode(job_id, event))
-        except Exception as exc:  # redis.RedisError, OSError: only ever a lost wake-up
-            self._quiet.failed(exc)
+        self._queue_here().put(encode(job_id, event))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until what was queued before this call has been sent (or dropped after a
+        failure); False when `timeout` passed first."""
+        if self._pid != os.getpid():
+            return True  # nothing was queued in this process
+        done = threading.Event()
+        self._queue_here().put(done)
+        return done.wait(timeout)
+
+    def _queue_here(self) -> queue.SimpleQueue:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    # A forked child gets a queue and a sender of its own; the parent's
+                    # thread did not survive the fork, and its client's sockets are not ours.
+                    self._queue = queue.SimpleQueue()
+                    threading.Thread(target=self._send_forever, args=(self._queue,),
+                                     name="job-wakeups", daemon=True).start()
+                    atexit.register(self.flush, FLUSH_AT_EXIT_SECONDS)
+                    self._pid = os.getpid()
+        return self._queue
+
+    def _send_forever(self, waiting: queue.SimpleQueue) -> None:
+        import redis
+
+        client = redis.Redis.from_url(
+            self.url, socket_connect_timeout=self.timeout, socket_timeout=self.timeout)
+        while True:
+            batch = [waiting.get()]
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(waiting.get_nowait())
+                except queue.Empty:
+                    break
+            messages = [m for m in batch if isinstance(m, str)]
+            if messages and not self._quiet.closed():
+                try:
+                    pipe = client.pipeline(transaction=False)
+                    for message in messages:
+                        pipe.publish(self.channel, message)
+                    pipe.execute()
+                except Exception as exc:  # redis.RedisError, OSError: only lost wake-ups
+                    self._quiet.failed(exc)
+            for flushed in batch:
+                if isinstance(flushed, threading.Event):
+                    flushed.set()
 
 
 class PostgresAnnouncer(Announcer):
