@@ -229,11 +229,11 @@ def settle(conn, job_id, actual) -> Decimal | None:
 
     Returns the amount debited, or None when the hold was already closed (a replay).
     """
+    if conn.dialect.name == "postgresql":
+        return settled(conn.execute(_SETTLE, settle_params(job_id, actual)).first(), job_id)
     actual = credits(actual)
     if actual < 0:
         raise ValueError(f"an actual cost cannot be negative: {actual}")
-    if conn.dialect.name == "postgresql":
-        return _settle_in_one(conn, job_id, actual)
     hold = get_hold(conn, job_id)
     if hold is None or not _close(conn, hold, "settled"):
         return None
@@ -250,14 +250,17 @@ def settle(conn, job_id, actual) -> Decimal | None:
     return debit
 
 
-# settle() in one statement: close the open hold (the compare-and-set that makes this the
-# only closing), write the debit and the release that are above zero, move the wallet.
-# An entry already under either key means the ledger disagrees with itself: the count of
-# entries written tells, and the caller's transaction rolls back.
-_SETTLE = text("""
-    WITH hold AS (
+# settle()'s writes as CTEs (hold, split, entries, moved): close the open hold (the
+# compare-and-set that makes this the only closing), write the debit and the release that
+# are above zero, move the wallet. `gate` is a further condition on closing the hold:
+# lifecycle's settle runs these CTEs in the statement that completes the job, and closes
+# the hold only if that completion happened. Parameters: job_id, actual, now, debit_key,
+# release_key.
+def settle_ctes(gate: str = "TRUE") -> str:
+    return f"""
+    hold AS (
         UPDATE credit_holds SET status = 'settled', closed_at = :now
-        WHERE job_id = CAST(:job_id AS uuid) AND status = 'open'
+        WHERE job_id = CAST(:job_id AS uuid) AND status = 'open' AND {gate}
         RETURNING wallet_id, amount),
     split AS (
         SELECT wallet_id, amount, LEAST(CAST(:actual AS numeric), amount) AS debit FROM hold),
@@ -279,23 +282,36 @@ _SETTLE = text("""
             credits_available = credits_available + (split.amount - split.debit),
             updated_at = :now
         FROM split WHERE wallets.id = split.wallet_id
-        RETURNING wallets.id)
-    SELECT split.amount, split.debit, (SELECT count(*) FROM entries) AS written,
-           (SELECT count(*) FROM moved) AS moved
-    FROM split""")
+        RETURNING wallets.id)"""
 
 
-def _settle_in_one(conn, job_id, actual: Decimal) -> Decimal | None:
-    debit_key, release_key = f"debit:{job_id}", f"release:{job_id}"
-    row = conn.execute(_SETTLE, {"job_id": job_id, "actual": actual, "now": utcnow(),
-                                 "debit_key": debit_key, "release_key": release_key}).first()
-    if row is None:
+# What the CTEs did, for settled(): the hold's amount and the debit (NULL with no open
+# hold), the entries written and the wallets moved.
+SETTLE_COLUMNS = """split.amount, split.debit, (SELECT count(*) FROM entries) AS written,
+           (SELECT count(*) FROM moved) AS moved"""
+
+_SETTLE = text(f"WITH {settle_ctes()}\n    SELECT {SETTLE_COLUMNS} FROM split")
+
+
+def settle_params(job_id, actual, now=None) -> dict:
+    actual = credits(actual)
+    if actual < 0:
+        raise ValueError(f"an actual cost cannot be negative: {actual}")
+    return {"job_id": job_id, "actual": actual, "now": now or utcnow(),
+            "debit_key": f"debit:{job_id}", "release_key": f"release:{job_id}"}
+
+
+def settled(row, job_id) -> Decimal | None:
+    """The debit the settle CTEs made, None when they found no open hold. An entry
+    already under either key means the ledger disagrees with itself: LedgerConflict, and
+    the caller's transaction rolls back."""
+    if row is None or row.amount is None:
         return None  # no open hold: a replay, or voided
     debit = credits(row.debit)
     expected = (debit > 0) + (row.amount - debit > 0)
     if row.written != expected or row.moved != 1:
-        raise LedgerConflict(debit_key if debit > 0 else release_key, "an existing entry",
-                             "a hold's closing entry")
+        raise LedgerConflict(f"debit:{job_id}" if debit > 0 else f"release:{job_id}",
+                             "an existing entry", "a hold's closing entry")
     return debit
 
 

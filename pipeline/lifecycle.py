@@ -27,6 +27,7 @@ from pipeline import (
     telemetry,
     usage,
 )
+from pipeline.config import credits
 from pipeline.db import autocommit, aware_utc, insert_ignore, new_id, utcnow
 from pipeline.errors import NotFound, PipelineError
 from pipeline.jobs import get_job, job_not_found
@@ -656,6 +657,27 @@ _COMPLETE = (
 )
 
 
+# On PostgreSQL, settle's writes in one statement inside its transaction: the job's
+# compare-and-set to completed (as _COMPLETE), the ledger's settle, gated on that
+# completion, and the usage and metrics rows, gated on the debit being the one expected
+# from the read (the hold still open). Whatever the statement left undone (no open hold:
+# a late result) settle does after it, statement by statement, in the same transaction.
+_SETTLE_AND_COMPLETE = text(f"""
+    WITH completed AS (
+        UPDATE jobs SET status = 'completed', settled_at = :now, completed_at = :now,
+                        updated_at = :now, error = NULL, error_code = NULL, progress = 1.0,
+                        actual_cost = CAST(:expected AS numeric)
+        WHERE id = CAST(:job_id AS uuid) AND status = CAST(:was AS text)
+              AND settled_at IS NULL
+        RETURNING id),
+    {ledger.settle_ctes(gate="EXISTS (SELECT FROM completed)")},
+    {usage.finished_ctes(gate="EXISTS (SELECT FROM split "
+                               "WHERE split.debit = CAST(:expected AS numeric))")}
+    SELECT (SELECT count(*) FROM completed) AS completed, {ledger.SETTLE_COLUMNS},
+           (SELECT count(*) FROM usage) + (SELECT count(*) FROM metric) AS recorded
+    FROM (SELECT) AS one LEFT JOIN split ON TRUE""").bindparams(*usage.FINISHED_TYPES)
+
+
 def settle(engine, job_id, *, read=None) -> bool:
     """Debit the actual cost, release the rest, complete the job: one transaction.
 
@@ -679,15 +701,31 @@ def settle(engine, job_id, *, read=None) -> bool:
         # completion; corrected below in the rare case the ledger decides otherwise).
         expected = None if job.held_amount is None else min(cost, job.held_amount)
         now = utcnow()
-        completed = conn.execute(_COMPLETE, {"job_id": job_id, "was": job.status, "now": now,
-                                             "expected": expected}).rowcount
-        if not completed:
-            return False
+        usage_note = {"estimatedCost": str(job.estimated_cost)}
+        recorded = False
+        if conn.dialect.name == "postgresql":
+            # Written only when the ledger debits `expected`; in its form, as the ledger
+            # returns it (six places).
+            rows = usage.finished_params(*usage.finished_rows(
+                job, status="completed", finished_at=now,
+                cost=None if expected is None else credits(expected),
+                usage=output_usage, note=usage_note))
+            done = conn.execute(_SETTLE_AND_COMPLETE, {
+                **ledger.settle_params(job_id, cost, now), **rows, "was": job.status,
+                "expected": expected}).one()
+            if not done.completed:
+                return False
+            debited = ledger.settled(done, job_id)
+            recorded = done.recorded == 2
+        else:
+            completed = conn.execute(_COMPLETE, {"job_id": job_id, "was": job.status,
+                                                 "now": now, "expected": expected}).rowcount
+            if not completed:
+                return False
+            debited = ledger.settle(conn, job_id, cost)
         jobevents.record(conn, job, "completed")
-        debited = ledger.settle(conn, job_id, cost)
         # The hold is the estimate; what the debit left of it went back to the wallet.
         released = None if debited is None else job.estimated_cost - debited
-        usage_note = {"estimatedCost": str(job.estimated_cost)}
         if debited is None:
             # The hold was voided (it expired) before the result came: charge what the
             # wallet allows now, never a revived hold; record any shortfall.
@@ -699,9 +737,10 @@ def settle(engine, job_id, *, read=None) -> bool:
         if debited != expected:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(actual_cost=debited))
         # api_usage and the metrics row, once: this transaction's compare-and-set ended it.
-        usage.record_finished(conn, job, status="completed", finished_at=now, cost=debited,
-                              usage=output_usage, note=usage_note,
-                              replace="late" in usage_note)
+        if not recorded:
+            usage.record_finished(conn, job, status="completed", finished_at=now,
+                                  cost=debited, usage=output_usage, note=usage_note,
+                                  replace="late" in usage_note)
     jobevents.announce(job_id, "completed")
     telemetry.job_finished(job, "completed")
     telemetry.credits("debited", job.provider, debited)

@@ -21,22 +21,15 @@ from pipeline.tables import api_usage, metrics
 JOB_FINISHED = "job_finished"
 
 
-def record_finished(conn, job, *, status: str, finished_at, cost=Decimal(0),
-                    usage: dict | None = None, note: dict | None = None,
-                    error_code: str | None = None, replace: bool = False) -> None:
-    """`job` is the row as read (or returned) by the transaction that ends it; `replace`
-    when it ended once already (a late result), so its rows are there to overwrite."""
+def finished_rows(job, *, status: str, finished_at, cost=Decimal(0),
+                  usage: dict | None = None, note: dict | None = None,
+                  error_code: str | None = None) -> tuple[dict, dict]:
+    """The job's api_usage row and its metrics row, as record_finished writes them."""
     labels = {"status": status, "provider": job.provider, "content_type": job.content_type,
               "company_id": str(job.company_id), "error_code": error_code,
               "cost": str(cost), "estimated_cost": str(job.estimated_cost),
               "attempts": job.attempts}
     seconds = max((aware_utc(finished_at) - aware_utc(job.created_at)).total_seconds(), 0.0)
-    # No unique key on metrics: the job row's lock, held by the statement that ended the
-    # job, serializes the two writers a job can have (fail, then a late settle). Only that
-    # rare second one looks for a row to replace (metrics has no index on job_id).
-    replaced = replace and conn.execute(
-        update(metrics).where(metrics.c.name == JOB_FINISHED, metrics.c.job_id == job.id)
-        .values(value=seconds, labels=labels, timestamp=finished_at)).rowcount
     row = {"id": new_id(), "job_id": job.id, "company_id": job.company_id,
            "provider": job.provider, "content_type": job.content_type, "usage": usage or {},
            "cost": cost,
@@ -44,6 +37,23 @@ def record_finished(conn, job, *, status: str, finished_at, cost=Decimal(0),
                         **(note or {})}}
     metric = {"id": new_id(), "name": JOB_FINISHED, "value": seconds, "labels": labels,
               "job_id": job.id, "timestamp": finished_at}
+    return row, metric
+
+
+def record_finished(conn, job, *, status: str, finished_at, cost=Decimal(0),
+                    usage: dict | None = None, note: dict | None = None,
+                    error_code: str | None = None, replace: bool = False) -> None:
+    """`job` is the row as read (or returned) by the transaction that ends it; `replace`
+    when it ended once already (a late result), so its rows are there to overwrite."""
+    row, metric = finished_rows(job, status=status, finished_at=finished_at, cost=cost,
+                                usage=usage, note=note, error_code=error_code)
+    # No unique key on metrics: the job row's lock, held by the statement that ended the
+    # job, serializes the two writers a job can have (fail, then a late settle). Only that
+    # rare second one looks for a row to replace.
+    replaced = replace and conn.execute(
+        update(metrics).where(metrics.c.name == JOB_FINISHED, metrics.c.job_id == job.id)
+        .values(value=metric["value"], labels=metric["labels"],
+                timestamp=finished_at)).rowcount
     if not replaced and conn.dialect.name == "postgresql":
         # Both rows in one statement: the metrics row's INSERT in the upsert's WITH.
         conn.execute(_UPSERT_USAGE_WITH_METRIC,
@@ -52,6 +62,47 @@ def record_finished(conn, job, *, status: str, finished_at, cost=Decimal(0),
     if not replaced:
         conn.execute(metrics.insert(), metric)
     conn.execute(_UPSERT_USAGE[conn.dialect.name], row)
+
+
+# record_finished's two rows as CTEs (usage, metric), written only where `gate` holds:
+# settle writes them in the statement that completes the job and closes its hold.
+# Parameters: job_id, u_<api_usage column>, m_<metrics column> (finished_params).
+def finished_ctes(gate: str) -> str:
+    return f"""
+    usage AS (
+        INSERT INTO api_usage (id, job_id, company_id, provider, content_type, usage, cost,
+                               metadata)
+        SELECT CAST(:u_id AS uuid), CAST(:job_id AS uuid), CAST(:u_company_id AS uuid),
+               CAST(:u_provider AS text), CAST(:u_content_type AS text),
+               CAST(:u_usage AS jsonb), CAST(:u_cost AS numeric), CAST(:u_metadata AS jsonb)
+        WHERE {gate}
+        ON CONFLICT (job_id) DO UPDATE SET
+            company_id = EXCLUDED.company_id, provider = EXCLUDED.provider,
+            content_type = EXCLUDED.content_type, usage = EXCLUDED.usage,
+            cost = EXCLUDED.cost, metadata = EXCLUDED.metadata
+        RETURNING 1),
+    metric AS (
+        INSERT INTO metrics (id, name, value, labels, job_id, timestamp)
+        SELECT CAST(:m_id AS uuid), CAST(:m_name AS text), CAST(:m_value AS double precision),
+               CAST(:m_labels AS jsonb), CAST(:job_id AS uuid),
+               CAST(:m_timestamp AS timestamptz)
+        WHERE {gate}
+        RETURNING 1)"""
+
+
+# finished_ctes' typed parameters, for the statement's bindparams().
+FINISHED_TYPES = [
+    *(bindparam(f"u_{name}", type_=api_usage.c[name].type)
+      for name in ("id", "company_id", "provider", "content_type", "usage", "cost",
+                   "metadata")),
+    *(bindparam(f"m_{name}", type_=metrics.c[name].type)
+      for name in ("id", "name", "value", "labels", "timestamp")),
+]
+
+
+def finished_params(row: dict, metric: dict) -> dict:
+    return {**{f"u_{name}": value for name, value in row.items() if name != "job_id"},
+            **{f"m_{name}": value for name, value in metric.items() if name != "job_id"}}
 
 
 def _upsert_usage(dialect):

@@ -11,10 +11,10 @@ from sqlalchemy import select
 
 from pipeline import budgets, jobevents, lifecycle, sweeper
 from pipeline.budgets import BudgetExceeded
-from pipeline.errors import InsufficientCredits, NotFound
+from pipeline.errors import InsufficientCredits, LedgerConflict, NotFound
 from pipeline.jobs import JobRequest, Principal, get_job, submit_job
 from pipeline.provider import GenerationRequest
-from pipeline.tables import api_usage, credit_holds, transactions
+from pipeline.tables import api_usage, credit_holds, metrics, transactions
 from providers.local import LocalProvider
 from tests.builders import assert_wallet_matches_ledger, make_company, wallet_of
 
@@ -145,6 +145,71 @@ def test_finish_stores_and_settles_once_and_finishes_a_stored_job(pg_runtime):
     assert_wallet_matches_ledger(rt.engine, company.company_id)
     with pytest.raises(NotFound):
         lifecycle.finish(rt.engine, rt.storage, uuid.uuid4())
+
+
+def _generated(rt):
+    """A company and its job, held, claimed and with its output recorded: ready to finish."""
+    company = make_company(rt.engine, credits=1)
+    job_id = _job(rt, company)
+    lifecycle.reserve(rt.engine, job_id, ttl_seconds=60)
+    assert lifecycle.claim_generation(rt.engine, job_id, stale_after=60) is not None
+    _save(rt, job_id)
+    return company, job_id
+
+
+def _finished_rows(rt, job_id):
+    with rt.engine.connect() as conn:
+        usage_rows = conn.execute(select(api_usage.c.cost, api_usage.c.metadata,
+                                         api_usage.c.usage, api_usage.c.provider)
+                                  .where(api_usage.c.job_id == job_id)).all()
+        metric_rows = conn.execute(select(metrics.c.name, metrics.c.value, metrics.c.labels)
+                                   .where(metrics.c.job_id == job_id)).all()
+    return usage_rows, metric_rows
+
+
+def test_settle_writes_the_usage_and_metrics_rows_with_the_completion(pg_runtime):
+    """On PostgreSQL the completion, the ledger's settle and both analytics rows are one
+    statement: the rows say what the ledger did, once, and a replay adds none."""
+    rt = pg_runtime
+    company, job_id = _generated(rt)
+    assert lifecycle.finish(rt.engine, rt.storage, job_id)
+    assert not lifecycle.settle(rt.engine, job_id)
+    usage_rows, metric_rows = _finished_rows(rt, job_id)
+    with rt.engine.connect() as conn:
+        job = get_job(conn, job_id)
+    [(cost, note, used, provider)] = usage_rows
+    assert (cost, provider, used) == (COST, "local", job.output.get("usage", {}))
+    assert note == {"status": "completed", "estimatedCost": str(job.estimated_cost)}
+    [(name, seconds, labels)] = metric_rows
+    assert name == "job_finished"
+    assert 0 <= seconds <= (job.completed_at - job.created_at).total_seconds() + 1e-6
+    assert labels == {"status": "completed", "provider": "local", "content_type": "image",
+                      "company_id": str(company.company_id), "error_code": None,
+                      "cost": "0.002000", "estimated_cost": str(job.estimated_cost),
+                      "attempts": job.attempts}
+    assert (job.status, job.actual_cost) == ("completed", COST)
+    assert_wallet_matches_ledger(rt.engine, company.company_id)
+
+
+def test_a_ledger_conflict_at_settle_leaves_the_job_its_hold_and_its_rows_as_they_were(
+        pg_runtime):
+    """An entry already under the job's debit key (the ledger disagreeing with itself):
+    the settle is refused whole, the completion and the analytics rows with it."""
+    rt = pg_runtime
+    company, job_id = _generated(rt)
+    with rt.engine.begin() as conn:
+        conn.execute(transactions.insert().values(
+            id=uuid.uuid4(), wallet_id=company.wallet_id, job_id=job_id, type="debit",
+            amount=Decimal(5), idempotency_key=f"debit:{job_id}"))
+    with pytest.raises(LedgerConflict):
+        lifecycle.finish(rt.engine, rt.storage, job_id)
+    with rt.engine.connect() as conn:
+        job = get_job(conn, job_id)
+        hold = conn.execute(select(credit_holds.c.status)
+                            .where(credit_holds.c.job_id == job_id)).scalar_one()
+    assert (job.status, job.settled_at, job.actual_cost, hold) == (
+        "processing", None, None, "open")
+    assert _finished_rows(rt, job_id) == ([], [])
 
 
 # reserve() on PostgreSQL: one statement for a company without budgets
