@@ -24,6 +24,12 @@ def on_starting(server):
     metrics.use_directory(base.resolve() / "api")
 
 
+def post_worker_init(worker):
+    from service import heap
+
+    heap.freeze_startup_objects()  # the app is loaded: its modules live as long as we do
+
+
 def child_exit(server, worker):
     from service import metrics
 

@@ -5,6 +5,7 @@ import sys
 from celery import signals
 
 from pipeline.config import ConfigError, Settings
+from service import heap
 from service.logs import configure_logging, flush
 from tasks.app import create_celery
 
@@ -39,6 +40,18 @@ def _worker_init(instance=None, **_):
     _setup_logging()
     if settings.log_format == "json":
         instance.quiet = True  # the startup banner is not a log line
+
+
+@signals.worker_ready.connect
+def _freeze_when_ready(**_):
+    # The node's own process: the consumer, and the tasks too with the threads and gevent
+    # pools. Past this point its start-up objects are never walked by a collection again.
+    heap.freeze_startup_objects()
+
+
+@signals.worker_process_init.connect
+def _freeze_in_pool_process(**_):
+    heap.freeze_startup_objects()  # a prefork pool process, as it starts
 
 
 @signals.worker_process_shutdown.connect
