@@ -147,10 +147,7 @@ class RedisAnnouncer(Announcer):
         return self._queue
 
     def _send_forever(self, waiting: queue.SimpleQueue) -> None:
-        import redis
-
-        client = redis.Redis.from_url(
-            self.url, socket_connect_timeout=self.timeout, socket_timeout=self.timeout)
+        client = None
         while True:
             batch = [waiting.get()]
             while len(batch) < self.BATCH:
@@ -161,6 +158,12 @@ class RedisAnnouncer(Announcer):
             messages = [m for m in batch if isinstance(m, str)]
             if messages and not self._quiet.closed():
                 try:
+                    if client is None:  # made here, so a bad URL is one logged failure
+                        import redis
+
+                        client = redis.Redis.from_url(
+                            self.url, socket_connect_timeout=self.timeout,
+                            socket_timeout=self.timeout)
                     pipe = client.pipeline(transaction=False)
                     for message in messages:
                         pipe.publish(self.channel, message)

@@ -99,3 +99,15 @@ def test_a_silent_redis_holds_up_the_sender_and_never_the_announcing_step(channe
     # The wake-ups caught by the hold may still reach Redis (a stopped server reads its
     # sockets when continued); one announced while the announcer is quiet is never sent.
     assert "job-during-quiet completed" not in _received(subscriber, 21, timeout=2.0)
+
+
+def test_a_url_redis_py_refuses_is_one_logged_failure_and_the_sender_lives_on(caplog):
+    announcer = RedisAnnouncer("redis://127.0.0.1:not-a-port/0", "cp-test-x", timeout=1.0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.jobevents"):
+        announcer.job_changed("job-1", "processing")
+        assert announcer.flush(5.0)
+        announcer.job_changed("job-2", "processing")  # quiet now: not even queued
+        assert announcer.flush(5.0)  # the sender still answers
+    [warning] = [r.message for r in caplog.records
+                 if "job wake-ups over Redis failed" in r.message]
+    assert "ValueError" in warning
