@@ -231,9 +231,7 @@ def settle(conn, job_id, actual) -> Decimal | None:
     """
     if conn.dialect.name == "postgresql":
         return settled(conn.execute(_SETTLE, settle_params(job_id, actual)).first(), job_id)
-    actual = credits(actual)
-    if actual < 0:
-        raise ValueError(f"an actual cost cannot be negative: {actual}")
+    actual = _actual_cost(actual)
     hold = get_hold(conn, job_id)
     if hold is None or not _close(conn, hold, "settled"):
         return None
@@ -293,11 +291,15 @@ SETTLE_COLUMNS = """split.amount, split.debit, (SELECT count(*) FROM entries) AS
 _SETTLE = text(f"WITH {settle_ctes()}\n    SELECT {SETTLE_COLUMNS} FROM split")
 
 
-def settle_params(job_id, actual, now=None) -> dict:
+def _actual_cost(actual) -> Decimal:
     actual = credits(actual)
     if actual < 0:
         raise ValueError(f"an actual cost cannot be negative: {actual}")
-    return {"job_id": job_id, "actual": actual, "now": now or utcnow(),
+    return actual
+
+
+def settle_params(job_id, actual, now=None) -> dict:
+    return {"job_id": job_id, "actual": _actual_cost(actual), "now": now or utcnow(),
             "debit_key": f"debit:{job_id}", "release_key": f"release:{job_id}"}
 
 

@@ -64,6 +64,10 @@ def record_finished(conn, job, *, status: str, finished_at, cost=Decimal(0),
     conn.execute(_UPSERT_USAGE[conn.dialect.name], row)
 
 
+# The api_usage columns a late result's row overwrites (both upserts below).
+_OVERWRITTEN = ("company_id", "provider", "content_type", "usage", "cost", "metadata")
+
+
 # record_finished's two rows as CTEs (usage, metric), written only where `gate` holds:
 # settle writes them in the statement that completes the job and closes its hold.
 # Parameters: job_id, u_<api_usage column>, m_<metrics column> (finished_params).
@@ -77,9 +81,7 @@ def finished_ctes(gate: str) -> str:
                CAST(:u_usage AS jsonb), CAST(:u_cost AS numeric), CAST(:u_metadata AS jsonb)
         WHERE {gate}
         ON CONFLICT (job_id) DO UPDATE SET
-            company_id = EXCLUDED.company_id, provider = EXCLUDED.provider,
-            content_type = EXCLUDED.content_type, usage = EXCLUDED.usage,
-            cost = EXCLUDED.cost, metadata = EXCLUDED.metadata
+            {", ".join(f"{name} = EXCLUDED.{name}" for name in _OVERWRITTEN)}
         RETURNING 1),
     metric AS (
         INSERT INTO metrics (id, name, value, labels, job_id, timestamp)
@@ -111,8 +113,7 @@ def _upsert_usage(dialect):
     insert = dialect.insert(api_usage)
     return insert.on_conflict_do_update(
         index_elements=["job_id"],
-        set_={name: insert.excluded[name] for name in
-              ("company_id", "provider", "content_type", "usage", "cost", "metadata")})
+        set_={name: insert.excluded[name] for name in _OVERWRITTEN})
 
 
 _UPSERT_USAGE = {"postgresql": _upsert_usage(postgresql), "sqlite": _upsert_usage(sqlite)}
